@@ -1,0 +1,200 @@
+"""LoRA key formats: diffusers/PEFT (what we train and save) and kohya (what travels).
+
+The diffusers file (``pytorch_lora_weights.safetensors``) loads in diffusers only:
+ComfyUI and AUTOMATIC1111 map the kohya layout, one ``.safetensors`` with keys
+
+* ``lora_unet_<diffusers UNet module path, dots as underscores>.lora_down.weight``
+  (= PEFT ``lora_A``), ``.lora_up.weight`` (= ``lora_B``) and ``.alpha`` (a scalar);
+* text encoders: ``lora_te_`` (SD 1.x / 2.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL)
+  followed by the HF CLIP path ``text_model_encoder_layers_<N>_self_attn_q_proj``.
+
+The converter is our own rather than diffusers' ``convert_state_dict_to_kohya`` because
+that one writes ``alpha = rank`` (the LoRA then loads at the wrong strength whenever
+alpha != rank) and names the SD 1.x text encoder ``lora_te1_``. diffusers'
+``load_lora_weights`` reads kohya files itself (it converts ``lora_unet_``/``lora_te*_``
+keys and scales by ``.alpha / rank``), so no kohya -> diffusers converter is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from engine.errors import LoraflowError
+
+Format = Literal["diffusers", "kohya", "unknown"]
+
+#: diffusers file component prefix -> kohya key prefix, per family.
+KOHYA_PREFIXES: dict[str, dict[str, str]] = {
+    "sd1": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sd2": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
+_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te[12]?_)([^.]+)(\.lora_down\.weight|\.lora_up\.weight|\.alpha)$")
+#: The CLIP text-encoder modules ComfyUI maps, as kohya names them (N is the layer).
+_COMFY_TE_MODULE = re.compile(
+    r"^text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)$"
+)
+#: Top-level modules of a HF CLIP text model; kohya names them under ``text_model``.
+_CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+class LoraFormatError(LoraflowError):
+    """A LoRA state dict that cannot be converted faithfully."""
+
+
+# -- diffusers -> kohya ---------------------------------------------------------------
+
+
+def diffusers_to_kohya(
+    tensors: Mapping[str, torch.Tensor], family_name: str, alpha: float | Mapping[str, float]
+) -> dict[str, torch.Tensor]:
+    """The kohya state dict of a diffusers/PEFT LoRA state dict, with the true alpha.
+
+    ``alpha`` is one value for every module, or a mapping whose keys are a component
+    (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``) or a full module name
+    (``"unet.down_blocks.0....to_q"``); the module name wins over the component.
+    Anything that is not a plain ``lora_A``/``lora_B`` pair (DoRA magnitudes, biases,
+    old attention-processor keys) is refused: dropping it would change the LoRA.
+    """
+    prefixes = KOHYA_PREFIXES.get(family_name)
+    if prefixes is None:
+        raise LoraFormatError(f"unknown model family {family_name!r}")
+    pairs = _lora_pairs(tensors)
+    out: dict[str, torch.Tensor] = {}
+    for (component, module), (down, up) in sorted(pairs.items()):
+        if component not in prefixes:
+            raise LoraFormatError(
+                f"a {family_name} LoRA has no {component!r}: key {component}.{module}"
+            )
+        name = prefixes[component] + kohya_module_path(component, module)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        value = _alpha_for(alpha, component, module)
+        out[f"{name}.alpha"] = torch.tensor(float(value), dtype=torch.float32)
+    return out
+
+
+def _lora_pairs(
+    tensors: Mapping[str, torch.Tensor],
+) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(component, module) -> (lora_A, lora_B); refuses unknown keys and half pairs."""
+    halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _DIFFUSERS_KEY.match(key)
+        if match is None:
+            raise LoraFormatError(
+                f"not a diffusers/PEFT LoRA key: {key!r} (expected "
+                "<unet|text_encoder|text_encoder_2>.<module>.lora_A|lora_B.weight)"
+            )
+        component, module, half = match.groups()
+        halves.setdefault((component, module), {})[half] = tensor
+    pairs = {}
+    for where, found in halves.items():
+        if set(found) != {"A", "B"}:
+            raise LoraFormatError(f"LoRA module {'.'.join(where)} lacks lora_A or lora_B")
+        if found["A"].shape[0] != found["B"].shape[1]:
+            raise LoraFormatError(f"LoRA module {'.'.join(where)}: lora_A/lora_B ranks differ")
+        pairs[where] = (found["A"], found["B"])
+    return pairs
+
+
+def kohya_module_path(component: str, module: str) -> str:
+    """A diffusers module name as kohya writes it (dots -> underscores).
+
+    Text encoders are named from the HF CLIP *model* (``text_model.encoder.layers...``),
+    as kohya does; recent transformers flatten ``CLIPTextModel`` and diffusers then
+    writes ``encoder.layers...`` without ``text_model.``, so it is put back.
+    """
+    if component != "unet" and module.startswith(_CLIP_TEXT_MODEL_CHILDREN):
+        module = f"text_model.{module}"
+    return module.replace(".", "_")
+
+
+def _alpha_for(alpha: float | Mapping[str, float], component: str, module: str) -> float:
+    if not isinstance(alpha, Mapping):
+        return float(alpha)
+    for key in (f"{component}.{module}", component):
+        if key in alpha:
+            return float(alpha[key])
+    raise LoraFormatError(f"no alpha given for {component}.{module}")
+
+
+def alphas_from_adapter_metadata(metadata: Mapping[str, str]) -> dict[str, float]:
+    """Per-component alpha from a diffusers file's ``lora_adapter_metadata`` header.
+
+    That header holds each component's PEFT ``LoraConfig``; it is what makes diffusers
+    load the diffusers file at the right strength, so the kohya file takes its alpha
+    from the same place. A per-module ``alpha_pattern`` is refused (we never write one,
+    and ignoring it would silently change strengths).
+    """
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    config = json.loads(raw)
+    alphas = {}
+    for component in DIFFUSERS_COMPONENTS:
+        if f"{component}.lora_alpha" not in config:
+            continue
+        if config.get(f"{component}.alpha_pattern"):
+            raise LoraFormatError(f"{component}: per-module alpha_pattern is not supported")
+        alphas[component] = float(config[f"{component}.lora_alpha"])
+    return alphas
+
+
+# -- detection ------------------------------------------------------------------------
+
+
+def detect_format(keys: Iterable[str]) -> Format:
+    """"diffusers", "kohya" or "unknown", from the keys (a state dict or its keys)."""
+    names = list(keys)
+    if not names:
+        return "unknown"
+    if all(_KOHYA_KEY.match(k) for k in names):
+        return "kohya"
+    if all(_DIFFUSERS_KEY.match(k) for k in names):
+        return "diffusers"
+    return "unknown"
+
+
+# -- ComfyUI key check ----------------------------------------------------------------
+
+
+def comfyui_unmapped_keys(
+    kohya_tensors: Iterable[str], family: Any, unet_module_names: Iterable[str]
+) -> list[str]:
+    """Keys of a kohya LoRA that ComfyUI's documented key patterns would not map.
+
+    ComfyUI builds its key map from the model: ``lora_unet_`` + each diffusers UNet
+    module name with dots as underscores, and for CLIP ``lora_te_`` (SD 1.x/2.x) or
+    ``lora_te1_``/``lora_te2_`` (SDXL) + ``text_model_encoder_layers_N_`` + one of the
+    attention projections or MLP layers. A key outside that map is silently skipped by
+    ComfyUI, so the LoRA loads weaker or not at all; this lists such keys.
+    ``family`` is a :class:`engine.family.Family` or its name.
+    """
+    family_name = getattr(family, "name", family)
+    te_prefixes = [p for c, p in KOHYA_PREFIXES[family_name].items() if c != "unet"]
+    unet_names = {name.replace(".", "_") for name in unet_module_names if name}
+    keys = kohya_tensors.keys() if isinstance(kohya_tensors, Mapping) else kohya_tensors
+    return [k for k in keys if not _comfyui_maps(k, te_prefixes, unet_names)]
+
+
+def _comfyui_maps(key: str, te_prefixes: list[str], unet_names: set[str]) -> bool:
+    module, dot, suffix = key.partition(".")
+    if not dot or f".{suffix}" not in KOHYA_SUFFIXES:
+        return False
+    if module.startswith("lora_unet_"):
+        return module.removeprefix("lora_unet_") in unet_names
+    for prefix in te_prefixes:
+        if module.startswith(prefix):
+            return bool(_COMFY_TE_MODULE.match(module.removeprefix(prefix)))
+    return False

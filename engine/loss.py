@@ -1,0 +1,44 @@
+"""The diffusion training loss, per sample, with optional min-SNR weighting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) expressed for the model's target.
+
+    The paper weights the x0-error by min(SNR, gamma). An epsilon-prediction error is the
+    x0-error times SNR, so its weight is min(SNR, gamma) / SNR; a v-prediction error is the
+    x0-error times (SNR + 1), so its weight is min(SNR, gamma) / (SNR + 1).
+    """
+    clipped = torch.clamp(snr_values, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1.0)
+    return clipped / snr_values
+
+
+def target_for(noise_scheduler: Any, prediction_type: str, latents, noise, timesteps):
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def per_sample_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean squared error of each sample (fp32), optionally weighted."""
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    return loss if weights is None else loss * weights

@@ -1,0 +1,383 @@
+"""One segment of a fine-tuning task: resume, train until a stop, commit, validate.
+
+A segment stops at the first of: its own steps (num_train_steps, or num_train_epochs of
+steps) done; the whole training done (then the checkpoint is marked FINISH); its time
+budget about to run out; a stop request (SIGTERM). Whatever stopped it, it commits a
+complete checkpoint first. The loop in :func:`train` is the whole training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from engine import storage
+from engine.cache import ensure_cache
+from engine.checkpoint import commit_checkpoint, read_checkpoint
+from engine.clock import SegmentClock
+from engine.errors import BudgetTooShortError, LoraflowError
+from engine.family import unet_extra_inputs
+from engine.inputs import SampleSource
+from engine.lora_io import LORA_FILE, lora_file_bytes, restore_lora
+from engine.loss import min_snr_weights, per_sample_loss, snr, target_for
+from engine.metrics import MetricsLog
+from engine.models import (
+    BaseModel,
+    add_unet_lora,
+    load_base_model,
+    lora_parameters,
+    training_device,
+)
+from engine.plan import TrainingPlan
+from engine.prepared_data import load_dataset_for_task, model_identity
+from engine.task import TaskDefinition
+from engine.training_state import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    StateMismatchError,
+    fingerprint,
+    identity_differences,
+    optimizer_files,
+    restore_optimizer,
+    restore_scheduler,
+    scheduler_state,
+    training_identity,
+)
+from engine.validation import render_validation, validation_prompts, write_validation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentResult:
+    """What a caller needs to chain segments: small and JSON-able."""
+
+    steps_done: int
+    start_step: int
+    global_step: int
+    total_steps: int
+    finished: bool
+    stopped_by: str  # "steps" | "finished" | "budget" | "signal" | "already_done"
+    seconds: float
+    checkpoint: str
+    validation: list[str]
+    metrics: str | None
+    cache: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class SegmentOptions:
+    """How to run a segment (where, how long), as opposed to what to train (the task)."""
+
+    checkpoint: str | None = None
+    budget_seconds: float | None = None
+    data_root: str | None = None
+    cache_root: str | None = None
+    progress: bool = False
+    validate: bool = True
+    should_stop: Callable[[], bool] = lambda: False
+    started_at: float | None = None  # time.monotonic() when the process began
+    # test-only fault injection: called after each optimizer step with the global step
+    after_step: Callable[[int], None] | None = None
+
+
+# -- the training state in one place ----------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    task: TaskDefinition
+    base: BaseModel
+    plan: TrainingPlan
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16 on CUDA, else None
+    prediction_type: str
+    global_step: int
+
+    def autocast(self):
+        if self.base.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.base.device.type, dtype=self.base.dtype)
+
+
+def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> Trainer:
+    add_unet_lora(base.unet, task)
+    base.unet.to(base.device)
+    params = lora_parameters(base.unet)
+    ta = task.train_args
+    lr = ta.learning_rate
+    if ta.scale_lr:
+        lr *= ta.gradient_accumulation_steps * ta.batch_size  # one process
+    adam = ta.adam_args
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=lr, betas=(adam.beta1, adam.beta2),
+        weight_decay=adam.weight_decay, eps=adam.epsilon, foreach=False,
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        ta.lr_scheduler.lr_scheduler, optimizer,
+        num_warmup_steps=ta.lr_scheduler.lr_warmup_steps, num_training_steps=plan.total_steps,
+    )
+    scaler = None
+    if base.dtype == torch.float16 and base.device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    prediction = ta.prediction_type or base.noise_scheduler.config.prediction_type
+    return Trainer(task, base, plan, params, optimizer, lr_scheduler, scaler, prediction, 0)
+
+
+def train_step(tr: Trainer, micro_batches: Iterator[list[Any]], source: SampleSource) -> dict:
+    """One optimizer step over the step's micro-batches; returns its metrics."""
+    refs = tr.plan.micro_batches(tr.global_step)
+    n_samples = sum(len(r) for r in refs)
+    loss_total = 0.0
+    for _ in refs:
+        batch = source.batch(next(micro_batches))
+        noisy = tr.base.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        with tr.autocast():
+            extra = unet_extra_inputs(tr.base.family, batch.conditioning, batch.time_ids)
+            prediction = tr.base.unet(noisy, batch.timesteps, **extra).sample
+        target = target_for(tr.base.noise_scheduler, tr.prediction_type, batch.latents, batch.noise, batch.timesteps)
+        weights = None
+        if tr.task.train_args.snr_gamma is not None:
+            snr_t = snr(tr.base.noise_scheduler, batch.timesteps)
+            weights = min_snr_weights(snr_t, tr.task.train_args.snr_gamma, tr.prediction_type)
+        loss = per_sample_loss(prediction, target, weights).sum() / n_samples
+        (tr.scaler.scale(loss) if tr.scaler else loss).backward()
+        loss_total += loss.item()
+    if tr.scaler:
+        tr.scaler.unscale_(tr.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params.values(), tr.task.train_args.max_grad_norm)
+    lr = tr.optimizer.param_groups[0]["lr"]
+    if tr.scaler:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.global_step += 1
+    return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "samples": n_samples}
+
+
+def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentOptions,
+          metrics: MetricsLog, state_bytes: int) -> str:
+    """Train until a stop; returns why it stopped. The whole loop, top to bottom."""
+    start, end = tr.global_step, tr.plan.segment_end(tr.global_step)
+    batches = micro_batch_stream(source, tr.plan, start, end, tr.task.dataloader_num_workers)
+    bar = progress_bar(opts.progress, start, end)
+    while True:
+        if tr.global_step >= end:
+            return "finished" if end >= tr.plan.total_steps else "steps"
+        if opts.should_stop():
+            return "signal"
+        if not clock.fits_another_step(state_bytes):
+            return "budget"
+        t0 = time.monotonic()
+        step_metrics = train_step(tr, batches, source)
+        seconds = time.monotonic() - t0
+        clock.step_seconds.append(seconds)
+        metrics.log({
+            "global_step": tr.global_step,
+            "epoch": tr.plan.epoch_of(tr.global_step - 1),
+            **step_metrics,
+            "seconds": seconds,
+            "samples_per_second": step_metrics["samples"] / seconds,
+        })
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+        if opts.after_step is not None:
+            opts.after_step(tr.global_step)
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item k = the prepared samples of the k-th micro-batch of this segment."""
+
+    def __init__(self, source: SampleSource, plan: TrainingPlan, start: int, end: int) -> None:
+        self.source = source
+        self.refs = [mb for step in range(start, end) for mb in plan.micro_batches(step)]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, k: int) -> list[Any]:
+        return self.source.prepare(self.refs[k])
+
+
+def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end: int,
+                       workers: int) -> Iterator[list[Any]]:
+    """Prepared micro-batches in order; workers (dataloader_num_workers) prepare ahead."""
+    dataset = _MicroBatches(source, plan, start, end)
+    if workers == 0:
+        return (dataset[k] for k in range(len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=lambda x: x, persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def progress_bar(enabled: bool, start: int, end: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=end - start, initial=0, desc=f"steps {start}-{end}", disable=not enabled,
+                unit="step", dynamic_ncols=True)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+
+def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, bytes]:
+    names = list(tr.params)
+    moments, groups = optimizer_files(tr.optimizer, names)
+    state = {
+        "global_step": tr.global_step,
+        "epoch": tr.plan.epoch_of(tr.global_step),
+        "step_in_epoch": tr.plan.step_in_epoch(tr.global_step),
+        "total_steps": tr.plan.total_steps,
+        "optimizer": groups,
+        "lr_scheduler": scheduler_state(tr.lr_scheduler),
+        "grad_scaler": tr.scaler.state_dict() if tr.scaler else None,
+        **extra_state,
+    }
+    return {
+        LORA_FILE: lora_file_bytes(_pipeline_class(tr.base), tr.base.unet),
+        OPTIMIZER_FILE: moments,
+        STATE_FILE: json.dumps(state, indent=2, sort_keys=True).encode(),
+    }
+
+
+def _pipeline_class(base: BaseModel) -> Any:
+    import diffusers
+
+    return getattr(diffusers, base.family.pipeline_class)
+
+
+def restore(tr: Trainer, loaded: Any) -> dict[str, Any]:
+    state = json.loads(loaded.files[STATE_FILE])
+    restore_lora(loaded.files[LORA_FILE], {"unet": tr.base.unet})
+    restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE], state["optimizer"])
+    restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])
+    if tr.scaler and state.get("grad_scaler"):
+        tr.scaler.load_state_dict(state["grad_scaler"])
+    tr.global_step = int(state["global_step"])
+    return state
+
+
+def load_resume_point(url: str, identity: dict[str, Any]) -> Any:
+    """Read and verify the previous checkpoint; refuse one from a different task."""
+    loaded = read_checkpoint(url)
+    state = json.loads(loaded.files[STATE_FILE])
+    differences = identity_differences(state.get("identity", {}), identity)
+    if differences:
+        raise StateMismatchError(
+            f"checkpoint {url} belongs to a different task; it differs in:\n  "
+            + "\n  ".join(differences[:10])
+        )
+    return loaded
+
+
+# -- the segment -----------------------------------------------------------------------
+
+
+def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | None = None) -> SegmentResult:
+    """Run one segment of ``task``, writing ``output_dir``/checkpoint and /validation."""
+    opts = opts or SegmentOptions()
+    budget = opts.budget_seconds or task.train_args.segment_budget_seconds
+    clock = SegmentClock(budget, started_at=opts.started_at or time.monotonic())
+    checkpoint_in = opts.checkpoint or task.checkpoint
+    dataset = load_dataset_for_task(task, opts.data_root, progress=opts.progress)
+    plan = TrainingPlan.for_task(task, len(dataset))
+    identity = training_identity(task, dataset.content_hash)
+    loaded = load_resume_point(checkpoint_in, identity) if checkpoint_in else None
+
+    device = training_device()
+    base = load_base_model(task, device)
+    trainer = build_trainer(task, base, plan)
+    previous: dict[str, Any] = restore(trainer, loaded) if loaded else {}
+    start = trainer.global_step
+    clock.known_step_seconds = previous.get("seconds_per_step")
+    clock.after_save_seconds = previous.get("validation_seconds", 0.0) if opts.validate else 0.0
+
+    cache = None
+    if opts.cache_root:
+        cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base), progress=None)
+    source = SampleSource(task, dataset, base, cache)
+    metrics = MetricsLog()
+    state_bytes = sum(p.numel() * 4 * 3 for p in trainer.params.values())
+    stopped_by = "finished" if start >= plan.total_steps else train(trainer, source, clock, opts, metrics, state_bytes)
+    if trainer.global_step == start and stopped_by == "budget":
+        raise BudgetTooShortError(
+            f"the time budget of {budget:.1f} s leaves no room for one step and a checkpoint "
+            f"save ({clock.elapsed():.1f} s went to start-up); nothing was written. Give the "
+            "segment a longer budget."
+        )
+
+    finished = trainer.global_step >= plan.total_steps
+    step_times = clock.step_seconds
+    t_save = time.monotonic()
+    files = checkpoint_files(trainer, {
+        "identity": identity,
+        "task_fingerprint": fingerprint(identity),
+        "started_from_step": start,
+        "seconds_per_step": max(step_times[-20:]) if step_times else previous.get("seconds_per_step"),
+        "validation_seconds": previous.get("validation_seconds", 0.0),
+    })
+    checkpoint_url = storage.join(output_dir, "checkpoint")
+    commit_checkpoint(checkpoint_url, files, meta={
+        "global_step": trainer.global_step, "task_fingerprint": fingerprint(identity), "finished": finished,
+    })
+    clock.save_seconds = time.monotonic() - t_save
+    log.info("committed %s at step %d (%.2f s)", checkpoint_url, trainer.global_step, clock.save_seconds)
+
+    images: list[str] = []
+    if opts.validate:
+        images = run_validation(task, base, dataset, trainer, output_dir)
+    metrics_url = metrics.publish(output_dir) if metrics.records else None
+    metrics.close()
+    return SegmentResult(
+        steps_done=trainer.global_step - start, start_step=start, global_step=trainer.global_step,
+        total_steps=plan.total_steps, finished=finished, stopped_by=stopped_by,
+        seconds=round(clock.elapsed(), 3), checkpoint=checkpoint_url, validation=images,
+        metrics=metrics_url, cache=cache.address if cache else None,
+    )
+
+
+def run_validation(task: TaskDefinition, base: BaseModel, dataset: Any, tr: Trainer,
+                   output_dir: str) -> list[str]:
+    from engine.validation import scheduler_for_inference
+
+    pipeline_cls = _pipeline_class(base)
+    components: dict[str, Any] = {
+        "vae": base.vae, "unet": base.unet,
+        "scheduler": scheduler_for_inference(base.location, task.model.revision, tr.prediction_type),
+        "text_encoder": base.text_encoders[0], "tokenizer": base.tokenizers[0],
+    }
+    if base.family.is_sdxl:
+        components |= {"text_encoder_2": base.text_encoders[1], "tokenizer_2": base.tokenizers[1]}
+    else:
+        components |= {"safety_checker": None, "feature_extractor": None,
+                       "requires_safety_checker": False}
+    pipe = pipeline_cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(task, dataset)
+    images = render_validation(pipe, task, prompts, base.device, base.dtype)
+    return write_validation(output_dir, task, prompts, images, tr.global_step)
+
+
+__all__ = ["LoraflowError", "SegmentOptions", "SegmentResult", "run_segment"]

@@ -1,0 +1,526 @@
+"""Small fsspec helpers: one place that decides how loraflow talks to storage.
+
+Checkpoints move between segments through local disk or an object store (S3). Every
+caller goes through these helpers so that three properties hold everywhere:
+
+* **No torn files.** A single file is either absent or complete. On local disk we write a
+  temporary name beside the target and rename it (POSIX rename is atomic); on object stores
+  one PUT is already atomic, so we write the key directly (a rename there is copy+delete,
+  which is neither atomic nor cheap).
+* **Bounded, visible retries.** Transient failures (connection refused, timeouts, 5xx
+  answers) are retried with exponential backoff whose total wait is capped, and then surface
+  as one :class:`StorageError` naming the URL. Disk full and permission errors are not
+  transient and fail at once. Retries inside s3fs/botocore are switched off so that our
+  policy is the only one and its bound is real.
+* **No credentials in URLs or messages.** S3 credentials come only from the environment
+  (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, which s3fs and
+  botocore read themselves). URLs with embedded credentials are refused, and every message
+  we build is passed through :func:`redact`.
+
+s3fs caches directory listings per filesystem instance, so a reader could miss a manifest
+that another process wrote after the listing was cached. We create S3 filesystems with the
+listings cache off and additionally invalidate before listing, so a reader always sees the
+newest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import posixpath
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "RetryPolicy",
+    "StorageError",
+    "clear_filesystem_cache",
+    "exists",
+    "filesystem",
+    "join",
+    "list_dirs",
+    "list_files",
+    "read_bytes",
+    "redact",
+    "remove",
+    "remove_tree",
+    "write_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Protocols whose ``mv`` is an atomic rename: write a temporary file, then rename it.
+_RENAME_PROTOCOLS = frozenset({"file", "local"})
+#: Protocols where one PUT is atomic (and rename is copy+delete): write the target directly.
+_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+
+#: Per-attempt network timeouts for S3, so one hung request cannot defeat the retry bound.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 60.0
+
+#: Marker in temporary names, so stale temporaries are recognisable (and cleaned up).
+TEMP_MARKER = ".loraflow-tmp-"
+
+# Errors that are answers, not failures: callers branch on them, so they pass through as-is.
+_ANSWER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+# errno values that retrying cannot fix; they become a StorageError at once.
+_FATAL_ERRNOS: dict[int, str] = {
+    errno.ENOSPC: "no space left on device (ENOSPC)",
+    errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+    errno.EROFS: "read-only file system (EROFS)",
+    errno.EFBIG: "file too large (EFBIG)",
+    errno.EACCES: "permission denied (EACCES)",
+    errno.EPERM: "operation not permitted (EPERM)",
+    errno.ENAMETOOLONG: "file name too long (ENAMETOOLONG)",
+}
+
+
+class StorageError(OSError):
+    """Storage could not be reached or used for ``url``, after retries where they make sense.
+
+    An ``OSError`` so that generic I/O handlers still catch it; ``errno`` is kept from the
+    underlying error (e.g. ``ENOSPC``) where there was one. The message never contains
+    credentials.
+    """
+
+    def __init__(
+        self, message: str, *, url: str, attempts: int = 1, cause_errno: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.url = redact(url)
+        self.attempts = attempts
+        if cause_errno is not None:
+            self.errno = cause_errno
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry transient storage errors.
+
+    The defaults (5 attempts; waits 0.5, 1, 2, 4 s = 7.5 s, never more than 10 s in total)
+    ride out an S3 endpoint restarting or a brief network blip, yet report a real outage
+    within seconds so the orchestrator can reschedule the segment instead of hanging.
+    """
+
+    attempts: int = 5
+    initial_delay_s: float = 0.5
+    multiplier: float = 2.0
+    max_total_wait_s: float = 10.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be >= 1")
+        if self.initial_delay_s < 0 or self.multiplier < 1 or self.max_total_wait_s < 0:
+            raise ValueError("RetryPolicy delays must be >= 0 and multiplier >= 1")
+
+    def delays(self) -> list[float]:
+        """The waits between attempts, already capped so their sum stays within the bound."""
+        result: list[float] = []
+        total = 0.0
+        delay = self.initial_delay_s
+        for _ in range(self.attempts - 1):
+            step = max(0.0, min(delay, self.max_total_wait_s - total))
+            result.append(step)
+            total += step
+            delay *= self.multiplier
+        return result
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction and URL helpers
+# ---------------------------------------------------------------------------------------------
+
+_USERINFO_RE = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_PARAM_RE = re.compile(
+    r"(?i)(?P<name>\b(?:key|secret|token|password|passwd|access_key_id|secret_access_key|"
+    r"session_token|aws_access_key_id|aws_secret_access_key|aws_session_token)=)[^&\s'\"]+"
+)
+_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str) -> str:
+    """Remove anything credential-like from ``text`` (a URL or an error message).
+
+    Strips ``user:password@`` userinfo, ``key=``/``secret=``/``token=`` style parameters, and
+    the literal values of the AWS credential environment variables, should a library ever
+    echo them back. Used on every message this module builds.
+    """
+    text = _USERINFO_RE.sub(r"\g<scheme>***@", str(text))
+    text = _SECRET_PARAM_RE.sub(r"\g<name>***", text)
+    for var in _SECRET_ENV_VARS:
+        value = os.environ.get(var, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _protocol(url: str) -> str:
+    """The outermost protocol of ``url``; plain paths are ``file``."""
+    return split_protocol(url)[0] or "file"
+
+
+def _refuse_credentials(url: str) -> None:
+    """Credentials belong in the environment; a URL ends up in logs and manifests."""
+    if "://" in url and _USERINFO_RE.search(url):
+        raise ValueError(
+            f"credentials must not be embedded in storage URLs ({redact(url)}); "
+            "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment instead"
+        )
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL (``file://``, ``s3://``, ``memory://``).
+
+    Always uses ``/``: fsspec paths are POSIX-style for every protocol, including local.
+    Empty parts are skipped; surrounding slashes on parts are ignored.
+    """
+    result = str(url)
+    for part in parts:
+        part = str(part).strip("/")
+        if not part:
+            continue
+        if result.endswith("://") or result.endswith("/"):
+            result = result + part
+        elif result == "":
+            result = part
+        else:
+            result = result + "/" + part
+    return result
+
+
+def basename(url: str) -> str:
+    """Last path component of a URL or path (ignoring a trailing slash)."""
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Filesystems
+# ---------------------------------------------------------------------------------------------
+
+
+def _storage_options(protocol: str) -> dict[str, Any]:
+    """Options per protocol; never credentials (those come from the environment)."""
+    if protocol in _S3_PROTOCOLS:
+        return {
+            # A reader must see a manifest written by another process a moment ago.
+            "use_listings_cache": False,
+            # One attempt per call inside botocore: our RetryPolicy owns retrying.
+            "config_kwargs": {
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                "read_timeout": S3_READ_TIMEOUT_S,
+            },
+        }
+    if protocol in _RENAME_PROTOCOLS:
+        return {"auto_mkdir": True}
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``url`` via :func:`fsspec.core.url_to_fs`.
+
+    S3 filesystems get the listings cache and the library-internal retries switched off
+    (see module docstring). Instances are cached by fsspec; if the ``AWS_*`` environment
+    changes at run time (tests starting a server), call :func:`clear_filesystem_cache`.
+    """
+    url = str(url)
+    _refuse_credentials(url)
+    protocol = _protocol(url)
+    options = {} if "::" in url else _storage_options(protocol)
+    fs, path = url_to_fs(url, **options)
+    if protocol in _S3_PROTOCOLS and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop; ours is bounded and reports the URL
+    return fs, path
+
+
+def clear_filesystem_cache() -> None:
+    """Forget cached filesystem instances, e.g. after the ``AWS_*`` environment changed."""
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - s3fs is a dependency
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _fs_protocol(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, str) else protocol[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry machinery
+# ---------------------------------------------------------------------------------------------
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types worth retrying: network and server-side trouble."""
+    types: list[type[BaseException]] = [OSError, TimeoutError, asyncio.TimeoutError]
+    try:
+        from botocore import exceptions as bce
+
+        types += [bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError]
+    except ImportError:  # pragma: no cover - s3fs is a dependency, botocore comes with it
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_TRANSIENT = _transient_types()
+
+
+def _fatal_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` cannot be fixed by retrying, or None if it may be transient."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
+        return _FATAL_ERRNOS[exc.errno]
+    try:
+        from botocore import exceptions as bce
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, bce.NoCredentialsError):
+        return "no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if isinstance(exc, bce.BotoCoreError) and not isinstance(exc, _TRANSIENT):
+        return "S3 client error"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+def _with_retries(op: str, url: str, fn: Callable[[], T], retry: RetryPolicy | None) -> T:
+    """Run ``fn``; retry transient errors per ``retry``; raise StorageError when exhausted."""
+    policy = retry or DEFAULT_RETRY
+    delays = policy.delays()
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except _ANSWER_ERRORS:
+            raise
+        except Exception as exc:
+            reason = _fatal_reason(exc)
+            if reason is not None:
+                raise StorageError(
+                    f"cannot {op} {redact(url)}: {reason}; not retried ({_describe(exc)})",
+                    url=url,
+                    attempts=attempt,
+                    cause_errno=getattr(exc, "errno", None),
+                ) from exc
+            if not isinstance(exc, _TRANSIENT):
+                raise  # a bug, not a storage problem: keep the original traceback
+            if attempt > len(delays):
+                elapsed = time.monotonic() - started
+                raise StorageError(
+                    f"cannot {op} {redact(url)}: storage unavailable after {attempt} "
+                    f"attempt(s) over {elapsed:.1f}s ({_describe(exc)})",
+                    url=url,
+                    attempts=attempt,
+                    cause_errno=getattr(exc, "errno", None),
+                ) from exc
+            delay = delays[attempt - 1]
+            logger.warning(
+                "storage: %s %s failed (attempt %d/%d, retrying in %.1fs): %s",
+                op,
+                redact(url),
+                attempt,
+                len(delays) + 1,
+                delay,
+                _describe(exc),
+            )
+            policy.sleep(delay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------
+
+
+def _temp_path(path: str) -> str:
+    """Hidden temporary name in the same directory, so the rename stays on one filesystem."""
+    parent, name = posixpath.split(path)
+    return posixpath.join(parent, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
+
+
+def _fsync_quietly(handle: Any) -> None:
+    """Flush a local file to disk before the rename publishes it (best effort)."""
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """One attempt at writing ``data`` to ``path`` so readers never see a partial file."""
+    protocol = _fs_protocol(fs)
+    if protocol in _PUT_PROTOCOLS:
+        fs.pipe_file(path, data)
+        return
+    temp = _temp_path(path)
+    try:
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(temp, "wb") as handle:
+            handle.write(data)
+            if protocol in _RENAME_PROTOCOLS:
+                _fsync_quietly(handle)
+        fs.mv(temp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # cleanup must not mask the real error
+            if fs.exists(temp):
+                fs.rm_file(temp)
+        raise
+
+
+def write_bytes(url: str, data: bytes, *, retry: RetryPolicy | None = None) -> None:
+    """Write ``data`` to ``url`` atomically (complete or absent), with bounded retries."""
+    fs, path = filesystem(url)
+    payload = bytes(data)
+    _with_retries("write", url, lambda: _put_once(fs, path, payload), retry)
+
+
+def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
+    """Read the whole object at ``url``. A missing file raises ``FileNotFoundError``."""
+    fs, path = filesystem(url)
+    return _with_retries("read", url, lambda: fs.cat_file(path), retry)
+
+
+def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop cached listings so the next call asks the storage (s3fs caches them)."""
+    with contextlib.suppress(Exception):  # caching is an optimisation, never a failure
+        fs.invalidate_cache(path)
+
+
+def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:
+    """Whether a file or directory exists at ``url``; storage outages raise, never ``False``.
+
+    (fsspec's generic ``exists`` swallows every error; an outage read as "no checkpoint"
+    would restart training from scratch, so we only accept a definite answer.)
+    """
+    fs, path = filesystem(url)
+
+    def probe() -> bool:
+        _invalidate(fs, path)
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return _with_retries("check", url, probe, retry)
+
+
+def remove(url: str, *, retry: RetryPolicy | None = None) -> None:
+    """Delete one file; a missing file is not an error (object-store deletes are idempotent)."""
+    fs, path = filesystem(url)
+
+    def delete() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        finally:
+            _invalidate(fs, path)
+
+    return _with_retries("delete", url, delete, retry)
+
+
+def remove_tree(url: str, *, retry: RetryPolicy | None = None) -> None:
+    """Delete ``url`` and everything below it; a missing tree is not an error."""
+    fs, path = filesystem(url)
+
+    def delete() -> None:
+        _invalidate(fs, path)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        finally:
+            _invalidate(fs, path)
+
+    _with_retries("delete", url, delete, retry)
+
+
+def _child_name(parent: str, name: str) -> str:
+    return name[len(parent) :].lstrip("/") if name.startswith(parent) else posixpath.basename(name)
+
+
+def list_dirs(url: str, *, retry: RetryPolicy | None = None) -> list[str]:
+    """URLs of the immediate child directories of ``url``, sorted by name; [] if missing.
+
+    On object stores a "directory" is a key prefix. Some servers (SeaweedFS) keep listing a
+    prefix after its last object was deleted, so callers must check contents, not presence.
+    """
+    fs, path = filesystem(url)
+    parent = path.rstrip("/")
+
+    def listing() -> list[str]:
+        _invalidate(fs, parent)
+        try:
+            entries = fs.ls(parent, detail=True)
+        except FileNotFoundError:
+            return []
+        names = {
+            _child_name(parent, str(entry["name"]).rstrip("/"))
+            for entry in entries
+            if entry.get("type") == "directory"
+        }
+        return sorted(join(url, name) for name in names if name and name not in {".", ".."})
+
+    return _with_retries("list", url, listing, retry)
+
+
+def list_files(url: str, *, retry: RetryPolicy | None = None) -> list[str]:
+    """Paths of all files below ``url``, relative to it (``/``-separated), sorted; [] if missing.
+
+    Used to find stale files in a checkpoint directory being rewritten.
+    """
+    fs, path = filesystem(url)
+    parent = path.rstrip("/")
+
+    def listing() -> list[str]:
+        _invalidate(fs, parent)
+        try:
+            found = fs.find(parent, withdirs=False)
+        except FileNotFoundError:
+            return []
+        prefix = parent + "/"
+        return sorted(str(name)[len(prefix) :] for name in found if str(name).startswith(prefix))
+
+    return _with_retries("list", url, listing, retry)
