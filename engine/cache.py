@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from engine import storage
 from engine.checkpoint import CheckpointError, commit_checkpoint, read_checkpoint
+from engine.safetensors_io import dump
 from engine.inputs import encode_caption, encode_image
 from engine.task import TaskDefinition
 from engine.transforms import apply_crop, plan_crop
@@ -89,7 +89,7 @@ class Cache:
 
 
 def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_tensors({k: v.contiguous() for k, v in tensors.items()})
+    return dump(tensors)
 
 
 def build_cache_files(task: TaskDefinition, base: Any, dataset: Any, progress: Any = None) -> dict[str, bytes]:

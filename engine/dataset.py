@@ -193,7 +193,7 @@ def _decode(data: bytes) -> tuple[Image.Image, str]:
         # PIL warns above its own limit (89 Mpx); ours is lower and checked right below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            opened = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+            opened = Image.open(io.BytesIO(data), formats=_openable_formats())
         except Image.DecompressionBombError as err:
             raise ImageRejected(f"too large ({err})") from None
         with opened as image:
@@ -206,6 +206,13 @@ def _decode(data: bytes) -> tuple[Image.Image, str]:
     if min(rgb.size) < MIN_SIDE:
         raise ImageRejected(f"too small: {rgb.width}x{rgb.height} (minimum side {MIN_SIDE} px)")
     return rgb, fmt
+
+
+def _openable_formats() -> list[str]:
+    """The accepted formats this Pillow build can open (AVIF is optional; MPO files are
+    opened by the JPEG plugin, so it is not asked for by name)."""
+    Image.init()
+    return [f for f in IMAGE_FORMATS if f in Image.OPEN]
 
 
 def _oriented(image: Image.Image) -> Image.Image:
@@ -318,19 +325,21 @@ def _local_split_files(folder: Path) -> tuple[str, list[str]]:
 def _folder_module(folder: Path, files: list[str]) -> tuple[str, dict[str, Any], list[str]]:
     """Builder name, its options and the files to give it.
 
-    Image files make an image folder (with its metadata files). Archives inside the
-    folder are left out on purpose: ``imagefolder`` would unpack them unchecked.
+    Images with ``metadata.*`` files, or images and no data files, make an image folder;
+    otherwise data files (csv, parquet...) are the dataset, and images beside them are
+    what their image column's paths point at. Archives inside the folder are left out
+    on purpose: ``imagefolder`` would unpack them unchecked.
     """
     image_exts = _imagefolder_extensions()
     images = [f for f in files if Path(f).suffix.lower() in image_exts]
-    if images:
-        metadata = [f for f in files if Path(f).name in _IMAGEFOLDER_METADATA]
-        return "imagefolder", {}, images + metadata
+    metadata = [f for f in files if Path(f).name in _IMAGEFOLDER_METADATA]
     by_suffix: dict[str, list[str]] = {}
     for f in files:
         suffix = Path(f).suffix.lower()
-        if suffix in _TABULAR_MODULES:
+        if suffix in _TABULAR_MODULES and Path(f).name not in _IMAGEFOLDER_METADATA:
             by_suffix.setdefault(suffix, []).append(f)
+    if images and (metadata or not by_suffix):
+        return "imagefolder", {}, images + metadata
     builders = {_TABULAR_MODULES[suffix][0] for suffix in by_suffix}
     if not by_suffix or len(builders) != 1 or (".tsv" in by_suffix and len(by_suffix) > 1):
         found = sorted({Path(f).suffix.lower() or Path(f).name for f in files})

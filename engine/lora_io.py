@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 
 from engine.errors import LoraflowError
+from engine.safetensors_io import canonical
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -46,7 +47,7 @@ def lora_file_bytes(
         kwargs[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
-        return (Path(tmp) / LORA_FILE).read_bytes()
+        return canonical((Path(tmp) / LORA_FILE).read_bytes())
 
 
 def restore_lora(data: bytes, modules: dict[str, Any]) -> None:

@@ -64,3 +64,20 @@ def model_identity(base: Any) -> str:
         )
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def ensure_cache_for_task(task: TaskDefinition, data_root: str | None, cache_root: str) -> dict:
+    """Build (or find) the caption/latent cache of a task's data; the flow's cache step.
+
+    Loads only what encodes (VAE, text encoders), not the optimizer or adapter. Returns
+    ``{"address": url or None, "built_now": bool}``: small, for Prefect to pass along.
+    """
+    from engine.cache import ensure_cache
+    from engine.models import load_base_model, training_device
+
+    dataset = load_dataset_for_task(task, data_root)
+    base = load_base_model(task, training_device())
+    cache = ensure_cache(task, base, dataset, cache_root, model_identity(base))
+    if cache is None:
+        return {"address": None, "built_now": False}
+    return {"address": cache.address, "built_now": cache.built_now}

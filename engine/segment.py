@@ -20,7 +20,7 @@ import torch
 
 from engine import storage
 from engine.cache import ensure_cache
-from engine.checkpoint import commit_checkpoint, read_checkpoint
+from engine.checkpoint import CheckpointError, commit_checkpoint, read_checkpoint
 from engine.clock import SegmentClock
 from engine.errors import BudgetTooShortError, LoraflowError
 from engine.family import unet_extra_inputs
@@ -279,6 +279,34 @@ def restore(tr: Trainer, loaded: Any) -> dict[str, Any]:
     return state
 
 
+def already_committed(output_dir: str, identity: dict[str, Any], start_step: int,
+                      plan: TrainingPlan, clock: SegmentClock) -> SegmentResult | None:
+    """The result of this very segment if an earlier attempt already committed it.
+
+    Running a segment again with the same task and input checkpoint finds its committed
+    output and returns it (a retried Prefect task, a re-sent network task): idempotence.
+    """
+    url = storage.join(output_dir, "checkpoint")
+    try:
+        loaded = read_checkpoint(url)
+    except CheckpointError:
+        return None
+    state = json.loads(loaded.files[STATE_FILE])
+    if state.get("task_fingerprint") != fingerprint(identity) or state.get("started_from_step") != start_step:
+        return None
+    log.info("segment already committed at %s (step %d); nothing to do", url, loaded.global_step)
+    validation_dir = storage.join(output_dir, "validation")
+    images = [storage.join(validation_dir, name) for name in storage.list_files(validation_dir)
+              if name.endswith(".png")]
+    metrics = storage.join(output_dir, "metrics", "metrics.jsonl")
+    return SegmentResult(
+        steps_done=loaded.global_step - start_step, start_step=start_step,
+        global_step=loaded.global_step, total_steps=plan.total_steps, finished=loaded.finished,
+        stopped_by="already_done", seconds=round(clock.elapsed(), 3), checkpoint=url,
+        validation=images, metrics=metrics if storage.exists(metrics) else None,
+    )
+
+
 def load_resume_point(url: str, identity: dict[str, Any]) -> Any:
     """Read and verify the previous checkpoint; refuse one from a different task."""
     loaded = read_checkpoint(url)
@@ -305,6 +333,10 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     plan = TrainingPlan.for_task(task, len(dataset))
     identity = training_identity(task, dataset.content_hash)
     loaded = load_resume_point(checkpoint_in, identity) if checkpoint_in else None
+    start_step = loaded.global_step if loaded else 0
+    done = already_committed(output_dir, identity, start_step, plan, clock)
+    if done is not None:
+        return done
 
     device = training_device()
     base = load_base_model(task, device)

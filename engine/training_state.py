@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from engine.errors import LoraflowError
+from engine.safetensors_io import dump
 from engine.task import TaskDefinition
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -75,7 +75,7 @@ def optimizer_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
         for key, value in per_param.items():
             tensors[f"{names[index]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    return save_tensors(tensors), {"param_groups": groups, "param_names": names}
+    return dump(tensors), {"param_groups": groups, "param_names": names}
 
 
 def restore_optimizer(

@@ -94,3 +94,40 @@ def write_validation(
     summary = {"global_step": global_step, "prompts": prompts, "images": [u.rsplit("/", 1)[-1] for u in urls]}
     storage.write_bytes(storage.join(output_dir, "validation", "prompts.json"), json.dumps(summary, indent=2).encode())
     return urls
+
+
+def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: str,
+                        dataset: Any) -> list[str]:
+    """Validation images from the base pipeline with the checkpoint's LoRA *file* loaded.
+
+    Unlike the in-segment validation (which reuses the adapted UNet in memory), this goes
+    through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import diffusers
+
+    from engine.checkpoint import read_checkpoint
+    from engine.lora_io import LORA_FILE
+    from engine.models import inspect_model, training_device, weight_dtype
+
+    loaded = read_checkpoint(checkpoint_url)
+    location, family = inspect_model(task.model)
+    device = training_device()
+    dtype = weight_dtype(task.mixed_precision, device)
+    pipeline_cls = getattr(diffusers, family.pipeline_class)
+    extra = {} if family.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_cls.from_pretrained(
+        location, revision=task.model.revision, variant=task.model.variant,
+        dtype=dtype, use_safetensors=True, **extra,
+    ).to(device)
+    prediction = task.train_args.prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
+    pipe.scheduler = scheduler_for_inference(location, task.model.revision, prediction)
+    with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
+        (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])
+        pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(task, dataset)
+    images = render_validation(pipe, task, prompts, device, dtype)
+    return write_validation(output_dir, task, prompts, images, loaded.global_step)

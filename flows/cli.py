@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        from engine.logs import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.func(args)
     except TaskValidationError as exc:

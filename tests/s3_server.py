@@ -178,6 +178,9 @@ class SeaweedS3:
             f"-s3.port.grpc={p['s3_grpc']}",
             # Extra listeners with fixed default ports (8181, 9101): off, they could collide.
             "-s3.port.iceberg=0",
+            # Local-socket shortcuts default to /tmp/seaweedfs-*-<port>.sock: keep them here.
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.lance=0",
             # Single master: after a restart the default 10 s election timeout delays
             # leadership (and S3) by ~20 s; 1 s brings restarts down to ~2-3 s.
@@ -216,7 +219,7 @@ class SeaweedS3:
             return
         self._set_env()
         started = time.monotonic()
-        env = {**os.environ, "TMPDIR": str(self.root)}  # weed's unix sockets go here
+        env = {**os.environ, "TMPDIR": str(self.root)}  # weed's glog files go here
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {time.ctime()}: {' '.join(self._command())}\n".encode())
             log.flush()
@@ -250,7 +253,16 @@ class SeaweedS3:
         """Stop weed, restore the environment and delete the temp folder."""
         self.stop()
         self._restore_env()
+        self._remove_grpc_sockets()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_grpc_sockets(self) -> None:
+        """weed always puts its gRPC unix sockets in /tmp, named by port: remove ours."""
+        for service in ("master", "volume", "filer", "s3"):
+            path = Path("/tmp") / f"seaweedfs-{service}-grpc-{self.ports[service + '_grpc']}.sock"
+            if path.is_socket():
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _kill(self) -> None:
         """atexit safety net: never leave a weed process behind."""
