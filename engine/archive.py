@@ -17,9 +17,11 @@ Nested archives are left as plain files: nothing is ever extracted recursively.
 
 from __future__ import annotations
 
+import base64
 import bz2
 import contextlib
 import gzip
+import http.client
 import lzma
 import os
 import re
@@ -146,7 +148,7 @@ def fetch(
 
 def _fetch_http(url: str, out: BinaryIO, *, progress: bool, max_bytes: int) -> None:
     shown = redact_url(url)
-    request = urllib.request.Request(url, headers={"User-Agent": "loraflow"})
+    request = _http_request(url)
     try:
         response = urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT_S)  # noqa: S310
     except urllib.error.HTTPError as err:
@@ -163,13 +165,34 @@ def _fetch_http(url: str, out: BinaryIO, *, progress: bool, max_bytes: int) -> N
             raise FetchError(
                 f"download of {shown} refused: {declared} bytes exceeds the cap of {max_bytes}"
             )
-        received = _copy_capped(response, out, shown, total=declared, progress=progress,
-                                max_bytes=max_bytes)
+        received = _copy_capped(
+            response, out, shown, total=declared, progress=progress, max_bytes=max_bytes
+        )
     if declared is not None and received != declared:
         raise FetchError(
             f"download of {shown} incomplete: got {received} of {declared} bytes",
             transient=True,
         )
+
+
+def _http_request(url: str) -> urllib.request.Request:
+    """A GET for ``url``; ``user:password@`` in it becomes HTTP Basic authentication.
+
+    The credentials go in an unredirected header: a redirect to another host must not
+    receive them.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url, headers={"User-Agent": "loraflow"})
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    bare = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    request = urllib.request.Request(bare, headers={"User-Agent": "loraflow"})
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def _content_length(value: str | None) -> int | None:
@@ -187,7 +210,9 @@ def _fetch_fsspec(url: str, out: BinaryIO, *, progress: bool, max_bytes: int) ->
             raise FetchError(f"{shown} is a folder, not an archive file")
         size = fs.size(path)
         if size is not None and size > max_bytes:
-            raise FetchError(f"copy of {shown} refused: {size} bytes exceeds the cap of {max_bytes}")
+            raise FetchError(
+                f"copy of {shown} refused: {size} bytes exceeds the cap of {max_bytes}"
+            )
         with fs.open(path, "rb") as source:
             _copy_capped(source, out, shown, total=size, progress=progress, max_bytes=max_bytes)
     except FetchError:
@@ -199,21 +224,35 @@ def _fetch_fsspec(url: str, out: BinaryIO, *, progress: bool, max_bytes: int) ->
 
 
 def _copy_capped(
-    source: BinaryIO, out: BinaryIO, shown: str, *, total: int | None, progress: bool,
+    source: BinaryIO,
+    out: BinaryIO,
+    shown: str,
+    *,
+    total: int | None,
+    progress: bool,
     max_bytes: int,
 ) -> int:
     """Copy ``source`` to ``out`` in chunks, failing as soon as ``max_bytes`` is passed."""
     bar_off = not progress or not sys.stderr.isatty()
     received = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=bar_off,
-              file=sys.stderr) as bar:
-        while chunk := source.read(_CHUNK):
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="download", disable=bar_off, file=sys.stderr
+    ) as bar:
+        while chunk := _read_source(source, shown):
             received += len(chunk)
             if received > max_bytes:
                 raise FetchError(f"{shown} refused: more than the cap of {max_bytes} bytes")
             out.write(chunk)
             bar.update(len(chunk))
     return received
+
+
+def _read_source(source: BinaryIO, shown: str) -> bytes:
+    """Next chunk of the download; a broken connection is a transient FetchError."""
+    try:
+        return source.read(_CHUNK)
+    except (OSError, http.client.HTTPException) as err:
+        raise FetchError(f"reading {shown} failed: {err}", transient=True) from None
 
 
 # -- format detection ------------------------------------------------------------------
@@ -242,8 +281,9 @@ def detect_format(archive: Path) -> str:
             raise ArchiveError(f"{archive.name}: corrupt {compression} data ({err})") from None
         if _is_tar_header(inner):
             return compression
-        raise ArchiveError(f"{archive.name}: not a zip or tar archive ({compression} data "
-                           "that is not a tar)")
+        raise ArchiveError(
+            f"{archive.name}: not a zip or tar archive ({compression} data that is not a tar)"
+        )
     raise ArchiveError(f"{archive.name}: not a zip or tar archive")
 
 
@@ -343,9 +383,9 @@ def _check_count(count: int, max_members: int) -> None:
 # -- zip -------------------------------------------------------------------------------
 
 
-def _zip_members(zf: zipfile.ZipFile, *, max_members: int, max_ratio: float) -> list[
-    tuple[_Member, zipfile.ZipInfo]
-]:
+def _zip_members(
+    zf: zipfile.ZipFile, *, max_members: int, max_ratio: float
+) -> list[tuple[_Member, zipfile.ZipInfo]]:
     infos = zf.infolist()
     _check_count(len(infos), max_members)
     out = []
@@ -367,8 +407,9 @@ def _zip_members(zf: zipfile.ZipFile, *, max_members: int, max_ratio: float) -> 
     return out
 
 
-def _write_zip(zf: zipfile.ZipFile, members: list[tuple[_Member, zipfile.ZipInfo]],
-               root: Path, budget: _Budget) -> None:
+def _write_zip(
+    zf: zipfile.ZipFile, members: list[tuple[_Member, zipfile.ZipInfo]], root: Path, budget: _Budget
+) -> None:
     for member, info in members:
         if member.is_dir:
             _make_dir(root, member.path)
@@ -382,8 +423,14 @@ def _zip_errors(archive: Path) -> Iterator[None]:
     """Turn the many ways a broken zip fails into one :class:`ArchiveError`."""
     try:
         yield
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, lzma.LZMAError,
-            RuntimeError) as err:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        NotImplementedError,
+        lzma.LZMAError,
+        RuntimeError,
+    ) as err:
         raise ArchiveError(f"{archive.name}: corrupt or unsupported zip ({err})") from None
 
 
@@ -398,8 +445,9 @@ class _CountingReader:
     is checked as it grows: a gzip bomb is stopped early, not after 50 GiB.
     """
 
-    def __init__(self, stream: BinaryIO, *, limit: int, compressed_size: int | None,
-                 max_ratio: float) -> None:
+    def __init__(
+        self, stream: BinaryIO, *, limit: int, compressed_size: int | None, max_ratio: float
+    ) -> None:
         self._stream = stream
         self._limit = limit
         self._compressed = compressed_size
@@ -410,22 +458,25 @@ class _CountingReader:
         data = self._stream.read(size)
         self.count += len(data)
         if self.count > self._limit:
-            raise ArchiveError(f"archive holds more than the cap of {self._limit} bytes "
-                               "(zip bomb?)")
+            raise ArchiveError(
+                f"archive holds more than the cap of {self._limit} bytes (zip bomb?)"
+            )
         if self._compressed is not None:
             _check_ratio("(tar stream)", self.count, self._compressed, self._ratio)
         return data
 
 
 @contextlib.contextmanager
-def _tar_stream(archive: Path, compression: str, *, limit: int, max_ratio: float
-                ) -> Iterator[tarfile.TarFile]:
+def _tar_stream(
+    archive: Path, compression: str, *, limit: int, max_ratio: float
+) -> Iterator[tarfile.TarFile]:
     """The tar as a forward-only stream (``r|``), decompressed through a byte counter."""
     opener = _COMPRESSED_TAR_OPENERS.get(compression, open)
     compressed_size = archive.stat().st_size if compression != "tar" else None
     with opener(archive, "rb") as raw:
-        reader = _CountingReader(raw, limit=limit, compressed_size=compressed_size,
-                                 max_ratio=max_ratio)
+        reader = _CountingReader(
+            raw, limit=limit, compressed_size=compressed_size, max_ratio=max_ratio
+        )
         with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
             yield tf
 
@@ -464,14 +515,17 @@ def _tar_errors(archive: Path) -> Iterator[None]:
         raise ArchiveError(f"{archive.name}: corrupt tar ({err})") from None
 
 
-def _scan_tar(archive: Path, compression: str, *, max_members: int, max_total_bytes: int,
-              max_ratio: float) -> list[_Member]:
+def _scan_tar(
+    archive: Path, compression: str, *, max_members: int, max_total_bytes: int, max_ratio: float
+) -> list[_Member]:
     """Every member of the tar, checked one by one; reads the stream once, writes nothing."""
     members: list[_Member] = []
     count = 0
     limit = _tar_limit(max_members, max_total_bytes)
-    with _tar_errors(archive), _tar_stream(archive, compression, limit=limit,
-                                           max_ratio=max_ratio) as tf:
+    with (
+        _tar_errors(archive),
+        _tar_stream(archive, compression, limit=limit, max_ratio=max_ratio) as tf,
+    ):
         for info in tf:
             count += 1
             _check_count(count, max_members)
@@ -481,11 +535,14 @@ def _scan_tar(archive: Path, compression: str, *, max_members: int, max_total_by
     return members
 
 
-def _write_tar(archive: Path, compression: str, root: Path, budget: _Budget, *,
-               limit: int, max_ratio: float) -> None:
+def _write_tar(
+    archive: Path, compression: str, root: Path, budget: _Budget, *, limit: int, max_ratio: float
+) -> None:
     """Second pass over the (already checked) tar stream, writing files and folders."""
-    with _tar_errors(archive), _tar_stream(archive, compression, limit=limit,
-                                           max_ratio=max_ratio) as tf:
+    with (
+        _tar_errors(archive),
+        _tar_stream(archive, compression, limit=limit, max_ratio=max_ratio) as tf,
+    ):
         for info in tf:
             member = _tar_member(info)  # same stream, same answers as the scan
             if member is None:
@@ -511,8 +568,9 @@ class _Budget:
     def spend(self, member: _Member, n: int) -> None:
         self.left -= n
         if self.left < 0:
-            raise ArchiveError(f"member {member.path}: total bytes written pass the cap "
-                               "(zip bomb?)")
+            raise ArchiveError(
+                f"member {member.path}: total bytes written pass the cap (zip bomb?)"
+            )
 
 
 def _inside(root: Path, rel: PurePosixPath) -> Path:
@@ -569,7 +627,6 @@ def extract(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ArchiveError(f"destination {dest} already exists and is not empty")
     fmt = detect_format(archive)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     budget = _Budget(max_total_bytes)
     if fmt == "zip":
         with _zip_errors(archive), zipfile.ZipFile(archive) as zf:
@@ -577,12 +634,19 @@ def extract(
             _check_all([m for m, _ in planned], max_total_bytes=max_total_bytes)
             _into_fresh_folder(dest, lambda root: _write_zip(zf, planned, root, budget))
     else:
-        members = _scan_tar(archive, fmt, max_members=max_members,
-                            max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+        members = _scan_tar(
+            archive,
+            fmt,
+            max_members=max_members,
+            max_total_bytes=max_total_bytes,
+            max_ratio=max_ratio,
+        )
         _check_all(members, max_total_bytes=max_total_bytes)
         limit = _tar_limit(max_members, max_total_bytes)
-        _into_fresh_folder(dest, lambda root: _write_tar(archive, fmt, root, budget,
-                                                         limit=limit, max_ratio=max_ratio))
+        _into_fresh_folder(
+            dest,
+            lambda root: _write_tar(archive, fmt, root, budget, limit=limit, max_ratio=max_ratio),
+        )
     return dest
 
 
@@ -592,6 +656,7 @@ def _into_fresh_folder(dest: Path, write: Callable[[Path], None]) -> None:
     The folder only gets its final name when every file is written; on any error it is
     deleted, so a half-extracted archive is never mistaken for a whole one.
     """
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
         write(tmp)

@@ -29,8 +29,8 @@ from safetensors.torch import load as load_tensors
 
 from engine import storage
 from engine.checkpoint import CheckpointError, commit_checkpoint, read_checkpoint
-from engine.safetensors_io import dump
 from engine.inputs import encode_caption, encode_image
+from engine.safetensors_io import dump
 from engine.task import TaskDefinition
 from engine.transforms import apply_crop, plan_crop
 

@@ -285,7 +285,8 @@ def _load_local(path: Path, cache_dir: Path) -> _Source:
             module, data_files={split: files}, split=split, cache_dir=str(cache_dir), **kwargs
         )
     except (ValueError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-        raise DatasetError(f"could not load {path} as {module}: {err}") from err
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise DatasetError(f"could not load {path} as {module}: {err}{cause}") from err
     return _Source(dataset, [root], search)
 
 
@@ -360,17 +361,41 @@ def _load_hub(name: str, config_name: str | None, cache_dir: Path) -> _Source:
     import datasets
 
     try:
-        splits = datasets.get_dataset_split_names(name, config_name, cache_dir=str(cache_dir))
-        split = _pick_split(splits, where=name)
-        dataset = datasets.load_dataset(
-            name, config_name, split=split, cache_dir=str(cache_dir)
-        )
+        with _hub_cache_in(cache_dir / "hub"):
+            download_config = datasets.DownloadConfig(cache_dir=str(cache_dir / "downloads"))
+            splits = datasets.get_dataset_split_names(
+                name, config_name, download_config=download_config
+            )
+            split = _pick_split(splits, where=name)
+            dataset = datasets.load_dataset(
+                name, config_name, split=split, cache_dir=str(cache_dir)
+            )
     except DatasetError:
         raise
     except Exception as err:  # the Hub client raises many types; all mean "cannot load"
-        raise DatasetError(f"could not load dataset {name!r} "
-                           f"(not a local path; as a Hub dataset: {err})") from err
+        raise DatasetError(
+            f"could not load dataset {name!r} (not a local path; as a Hub dataset: {err})"
+        ) from err
     return _Source(dataset, [cache_dir.resolve()], [cache_dir.resolve()])
+
+
+@contextlib.contextmanager
+def _hub_cache_in(folder: Path) -> Iterator[None]:
+    """Send Hub downloads to ``folder`` for the duration.
+
+    ``datasets`` fetches Hub files with ``huggingface_hub``, whose cache (normally
+    ``~/.cache/huggingface/hub``) ignores ``cache_dir``; its location is read from
+    ``huggingface_hub.constants`` at call time, so it is redirected there. The image
+    paths of a Hub image folder then lie under the scratch folder too.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(folder)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_CACHE = saved
 
 
 def _pick_split(splits: list[str], *, where: str) -> str:
@@ -387,8 +412,10 @@ def _pick_split(splits: list[str], *, where: str) -> str:
 
 def _check_columns(dataset: Any, args: DatasetArgs) -> None:
     existing = list(dataset.column_names)
-    for role, column in (("image_column", args.image_column),
-                         ("caption_column", args.caption_column)):
+    for role, column in (
+        ("image_column", args.image_column),
+        ("caption_column", args.caption_column),
+    ):
         if column not in existing:
             raise DatasetError(
                 f"dataset.{role} {column!r} is not a column of the dataset; "
@@ -404,12 +431,15 @@ def _normalized_captions(values: list[Any], column: str) -> list[list[str]]:
             out.append([""])
         elif isinstance(value, str):
             out.append([value])
-        elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, str)
-                                                      for v in value):
+        elif isinstance(value, (list, tuple)) and all(
+            v is None or isinstance(v, str) for v in value
+        ):
             out.append([v or "" for v in value] or [""])
         else:
-            raise DatasetError(f"caption column {column!r}, example {i}: expected text or a "
-                               f"list of texts, got {type(value).__name__}")
+            raise DatasetError(
+                f"caption column {column!r}, example {i}: expected text or a "
+                f"list of texts, got {type(value).__name__}"
+            )
     if not any(_has_text(c) for c in out):
         raise DatasetError(f"caption column {column!r} has no non-empty caption")
     return out
@@ -427,8 +457,9 @@ def _as_image_column(dataset: Any, column: str) -> Any:
         return dataset.cast_column(column, datasets.Image(decode=False))
     except Exception as err:  # pyarrow raises assorted types for impossible casts
         feature = dataset.features[column]
-        raise DatasetError(f"image column {column!r} does not hold images ({feature}): "
-                           f"{err}") from err
+        raise DatasetError(
+            f"image column {column!r} does not hold images ({feature}): {err}"
+        ) from err
 
 
 def _image_bytes(value: Any, source: _Source) -> bytes:
@@ -472,8 +503,11 @@ def _scratch(work_dir: Path | None) -> Iterator[Path]:
     """A fresh scratch folder (inside ``work_dir`` if given), removed afterwards."""
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="loraflow-prepare-",
-                                 dir=str(work_dir) if work_dir is not None else None))
+    path = Path(
+        tempfile.mkdtemp(
+            prefix="loraflow-prepare-", dir=str(work_dir) if work_dir is not None else None
+        )
+    )
     try:
         yield path
     finally:
@@ -503,8 +537,10 @@ def _clear_destination(fs: Any, root: str, address: str) -> None:
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     foreign = sorted(names - _OWN_NAMES)
     if foreign:
-        raise DatasetError(f"{address} holds other files ({', '.join(foreign[:5])}); "
-                           "refusing to overwrite it: choose an empty or new location")
+        raise DatasetError(
+            f"{address} holds other files ({', '.join(foreign[:5])}); "
+            "refusing to overwrite it: choose an empty or new location"
+        )
     # The manifest goes first: from here on, readers no longer trust the folder.
     for name in (MANIFEST_NAME, _MANIFEST_TMP, RECORDS_NAME, IMAGES_DIR):
         if fs.exists(f"{root}/{name}"):
@@ -518,8 +554,9 @@ class _Written:
     empty_captions: int
 
 
-def _write_examples(fs: Any, root: str, source: _Source, column: str,
-                    captions: list[list[str]], *, progress: bool) -> _Written:
+def _write_examples(
+    fs: Any, root: str, source: _Source, column: str, captions: list[list[str]], *, progress: bool
+) -> _Written:
     """Check every image and write the good ones; never stops on a bad image."""
     from tqdm import tqdm
 
@@ -537,8 +574,13 @@ def _write_examples(fs: Any, root: str, source: _Source, column: str,
             continue
         file = f"{IMAGES_DIR}/{len(records):06d}{ext}"
         fs.pipe_file(f"{root}/{file}", data)
-        record = {"file": file, "captions": captions[index], "width": width,
-                  "height": height, "sha256": hashlib.sha256(data).hexdigest()}
+        record = {
+            "file": file,
+            "captions": captions[index],
+            "width": width,
+            "height": height,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         records.append(_canonical_json(record))
         empty += not _has_text(captions[index])
     return _Written(records, skipped, empty)
@@ -576,30 +618,42 @@ def prepare_dataset(
     with _scratch(work_dir) as work, _progress_bars(progress):
         source = _load_source(args, work, progress=progress)
         _check_columns(source.dataset, args)
-        captions = _normalized_captions(list(source.dataset[args.caption_column]),
-                                        args.caption_column)
+        captions = _normalized_captions(
+            list(source.dataset[args.caption_column]), args.caption_column
+        )
         source.dataset = _as_image_column(source.dataset, args.image_column)
         _clear_destination(fs, root, address)
-        written = _write_examples(fs, root, source, args.image_column, captions,
-                                  progress=progress)
+        written = _write_examples(fs, root, source, args.image_column, captions, progress=progress)
     _check_usable(written, args)
-    manifest = _commit(fs, root, written, source_info, args,
-                       columns=list(source.dataset.column_names))
+    manifest = _commit(
+        fs, root, written, source_info, args, columns=list(source.dataset.column_names)
+    )
     return _manifest_of(address, manifest)
 
 
 def _check_usable(written: _Written, args: DatasetArgs) -> None:
     if not written.records:
         reasons = sorted({s["reason"] for s in written.skipped})[:5]
-        raise DatasetError(f"no usable image in the dataset ({len(written.skipped)} skipped; "
-                           f"e.g. {'; '.join(reasons)})")
+        raise DatasetError(
+            f"no usable image in the dataset ({len(written.skipped)} skipped; "
+            f"e.g. {'; '.join(reasons)})"
+        )
     if written.empty_captions == len(written.records):
-        raise DatasetError(f"caption column {args.caption_column!r} has no non-empty caption "
-                           "among the usable images")
+        raise DatasetError(
+            f"caption column {args.caption_column!r} has no non-empty caption "
+            "among the usable images"
+        )
 
 
-def _commit(fs: Any, root: str, written: _Written, source_info: dict[str, Any],
-            args: DatasetArgs, *, columns: list[str]) -> dict[str, Any]:
+def _commit(
+    fs: Any,
+    root: str,
+    written: _Written,
+    source_info: dict[str, Any],
+    args: DatasetArgs,
+    *,
+    columns: list[str],
+) -> dict[str, Any]:
     """Write records.jsonl, then manifest.json (via a temporary name) as the commit."""
     records_bytes = "".join(line + "\n" for line in written.records).encode("utf-8")
     fs.pipe_file(f"{root}/{RECORDS_NAME}", records_bytes)
@@ -610,8 +664,11 @@ def _commit(fs: Any, root: str, written: _Written, source_info: dict[str, Any],
         "source": source_info,
         "skipped": written.skipped,
         "empty_captions": written.empty_captions,
-        "columns": {"image": args.image_column, "caption": args.caption_column,
-                    "available": columns},
+        "columns": {
+            "image": args.image_column,
+            "caption": args.caption_column,
+            "available": columns,
+        },
     }
     fs.pipe_file(f"{root}/{_MANIFEST_TMP}", json.dumps(manifest, indent=2).encode("utf-8"))
     fs.mv(f"{root}/{_MANIFEST_TMP}", f"{root}/{MANIFEST_NAME}")
@@ -683,8 +740,9 @@ class PreparedDataset:
     later epochs never go back to storage; each is checked against its sha256 on read.
     """
 
-    def __init__(self, address: str, fs: Any, root: str, manifest: dict[str, Any],
-                 records: list[dict]) -> None:
+    def __init__(
+        self, address: str, fs: Any, root: str, manifest: dict[str, Any], records: list[dict]
+    ) -> None:
         self.address = address
         self.manifest = manifest
         self._fs = fs
@@ -716,8 +774,10 @@ class PreparedDataset:
         record = self._records[i]
         data = self._fs.cat_file(f"{self._root}/{record['file']}")
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise DatasetError(f"{self.address}/{record['file']}: content does not match "
-                               "its sha256 (storage corrupted or modified)")
+            raise DatasetError(
+                f"{self.address}/{record['file']}: content does not match "
+                "its sha256 (storage corrupted or modified)"
+            )
         self._bytes[i] = data
         return data
 

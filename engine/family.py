@@ -115,7 +115,7 @@ def encode_captions(
         ids = tokenize(tokenizers[0], captions).to(device)
         return {"prompt_embeds": encoders[0](ids, return_dict=False)[0]}
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders):
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
         ids = tokenize(tokenizer, captions).to(device)
         out = encoder(ids, output_hidden_states=True, return_dict=True)
         hidden.append(out.hidden_states[-2])
@@ -129,7 +129,7 @@ def sdxl_time_ids(
     target_size: tuple[int, int],
 ) -> torch.Tensor:
     """SDXL micro-conditioning per sample: (orig h, orig w, crop top, crop left, h, w)."""
-    rows = [[*o, *c, *target_size] for o, c in zip(original_sizes, crops_top_left)]
+    rows = [[*o, *c, *target_size] for o, c in zip(original_sizes, crops_top_left, strict=False)]
     return torch.tensor(rows, dtype=torch.float32)
 
 

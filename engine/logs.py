@@ -13,9 +13,20 @@ import warnings
 
 
 def quiet_libraries() -> None:
+    """Set the libraries' quiet switches; cheap (imports nothing heavy)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    for name in ("transformers", "diffusers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def silence_progress_bars() -> None:
+    """Turn off the libraries' own progress bars; imports them, so only for heavy commands."""
+    quiet_libraries()
     try:
         import transformers
 
@@ -37,7 +48,4 @@ def quiet_libraries() -> None:
         diffusers.utils.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001
         pass
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-    for name in ("transformers", "diffusers", "datasets", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -39,7 +40,9 @@ KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 _DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te[12]?_)([^.]+)(\.lora_down\.weight|\.lora_up\.weight|\.alpha)$")
+_KOHYA_KEY = re.compile(
+    r"^(lora_unet_|lora_te[12]?_)([^.]+)(\.lora_down\.weight|\.lora_up\.weight|\.alpha)$"
+)
 #: The CLIP text-encoder modules ComfyUI maps, as kohya names them (N is the layer).
 _COMFY_TE_MODULE = re.compile(
     r"^text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)$"
@@ -198,3 +201,106 @@ def _comfyui_maps(key: str, te_prefixes: list[str], unet_names: set[str]) -> boo
         if module.startswith(prefix):
             return bool(_COMFY_TE_MODULE.match(module.removeprefix(prefix)))
     return False
+
+
+# -- what a LoRA file holds -----------------------------------------------------------
+
+#: Layer kinds a LoRA commonly targets, matched at the end of a module name whose dots
+#: are underscores (both formats reduce to that), with their diffusers spelling.
+_KINDS: dict[str, str] = {
+    "to_out_0": "to_out.0",
+    "ff_net_0_proj": "ff.net.0.proj",
+    "ff_net_2": "ff.net.2",
+    "mlp_fc1": "mlp.fc1",
+    "mlp_fc2": "mlp.fc2",
+    **{k: k for k in (
+        "to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj", "out_proj", "proj_in",
+        "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv1",
+        "conv2", "linear_1", "linear_2", "text_projection",
+    )},
+}
+_KIND_RE = re.compile("(" + "|".join(sorted(_KINDS, key=len, reverse=True)) + ")$")
+_KOHYA_COMPONENTS = {
+    "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+#: Cross-attention width (text embedding size) -> family, for the released models.
+_CROSS_ATTENTION_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2"}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted layer as a file describes it."""
+
+    component: str  # unet | text_encoder | text_encoder_2
+    name: str  # module name as written in the file (kohya: underscores)
+    kind: str  # the layer kind in diffusers spelling, e.g. "to_out.0"
+    rank: int
+    alpha: float | None  # None: not stored; loaders then use alpha = rank
+    in_features: int
+
+
+def module_kind(name: str) -> str:
+    flat = name.replace(".", "_")
+    match = _KIND_RE.search(flat)
+    return _KINDS[match.group(1)] if match else flat.rsplit("_", 1)[-1]
+
+
+def lora_modules(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> list[LoraModule]:
+    """The adapted modules of a diffusers or kohya state dict, sorted by name."""
+    fmt = detect_format(tensors)
+    if fmt == "kohya":
+        return _kohya_modules(tensors)
+    if fmt == "diffusers":
+        alphas = alphas_from_adapter_metadata(metadata)
+        return [
+            LoraModule(component, module, module_kind(module), int(down.shape[0]),
+                       alphas.get(component), int(down.shape[1]))
+            for (component, module), (down, _) in sorted(_lora_pairs(tensors).items())
+        ]
+    raise LoraFormatError(
+        f"neither a diffusers nor a kohya LoRA (e.g. key {next(iter(tensors), '<none>')!r})"
+    )
+
+
+def _kohya_modules(tensors: Mapping[str, torch.Tensor]) -> list[LoraModule]:
+    modules = []
+    for key in sorted(tensors):
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        prefix = _KOHYA_KEY.match(key).group(1)
+        down = tensors[key]
+        alpha = tensors.get(f"{name}.alpha")
+        modules.append(LoraModule(
+            _KOHYA_COMPONENTS[prefix], name, module_kind(name.removeprefix(prefix)),
+            int(down.shape[0]), None if alpha is None else float(alpha.item()),
+            int(down.shape[1]),
+        ))
+    return modules
+
+
+def guess_family(keys: Iterable[str], modules: list[LoraModule]) -> tuple[str, str]:
+    """(family name or "unknown", why): SDXL by its second text encoder or add_embedding,
+    otherwise by the width of the cross-attention or text-encoder inputs."""
+    names = list(keys)
+    if any(m.component == "text_encoder_2" for m in modules):
+        return "sdxl", "has a second text encoder"
+    if any(k.startswith("lora_te1_") for k in names):
+        return "sdxl", "kohya SDXL text-encoder names (lora_te1_)"
+    if any("add_embedding" in m.name for m in modules):
+        return "sdxl", "adapts add_embedding (SDXL's added conditioning)"
+    for m in modules:
+        if m.component == "unet" and "attn2" in m.name and m.kind in ("to_k", "to_v"):
+            family = _CROSS_ATTENTION_FAMILY.get(m.in_features)
+            if family:
+                return family, f"cross-attention input width {m.in_features}"
+    for m in modules:
+        if m.component == "text_encoder" and m.kind == "q_proj":
+            family = _TEXT_WIDTH_FAMILY.get(m.in_features)
+            if family:
+                return family, f"text-encoder width {m.in_features}"
+    return "unknown", "no SDXL-only modules and no known layer width"

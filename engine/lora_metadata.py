@@ -161,28 +161,55 @@ def tensor_data_hash(file_bytes: bytes) -> str:
     the header holds the metadata, so this hash is the same whatever the metadata says
     and can be computed before it is written into that header (kohya's addnet hash).
     """
+    return hashlib.sha256(file_bytes[_data_offset(file_bytes):]).hexdigest()
+
+
+def read_metadata(file_bytes: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
+    header = json.loads(file_bytes[8 : _data_offset(file_bytes)])
+    return dict(header.get("__metadata__") or {})
+
+
+def _data_offset(file_bytes: bytes) -> int:
+    """Where the tensor data starts: after the 8-byte length and the JSON header."""
     if len(file_bytes) < 8:
         raise ValueError("not a safetensors file: shorter than its 8-byte header length")
     (header_length,) = struct.unpack("<Q", file_bytes[:8])
     start = 8 + header_length
     if start > len(file_bytes):
         raise ValueError("not a safetensors file: header length past the end of the file")
-    return hashlib.sha256(file_bytes[start:]).hexdigest()
+    return start
 
 
 def write_lora_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The safetensors bytes of ``tensors`` with ``metadata`` plus the data hash keys.
 
-    The hash is taken from a first serialisation and written into the header of the
-    second; the data part is identical in both (safetensors orders tensors itself), and
-    this is checked rather than assumed.
+    safetensors lays out the tensor data itself (ordered by dtype and name), then the
+    header is rewritten with sorted keys: the library writes its metadata map in hash
+    order, which differs between runs, and a republished file must be the same bytes.
+    The hash covers the data only, so it is computed first and then put in the header.
     """
     plain = {k: str(v) for k, v in metadata.items() if k not in (HASH_KEY, MODELSPEC_HASH_KEY)}
-    digest = tensor_data_hash(save(dict(tensors), metadata=plain))
-    final = save(dict(tensors), metadata={**plain, HASH_KEY: digest, MODELSPEC_HASH_KEY: f"0x{digest}"})
-    if tensor_data_hash(final) != digest:  # pragma: no cover - a safetensors change
-        raise RuntimeError("safetensors wrote different tensor data for the same tensors")
-    return final
+    serialised = save(dict(tensors), metadata=plain)
+    digest = tensor_data_hash(serialised)
+    hashes = {HASH_KEY: digest, MODELSPEC_HASH_KEY: f"0x{digest}"}
+    return _with_header_metadata(serialised, {**plain, **hashes})
+
+
+def _with_header_metadata(file_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
+    """The file with its ``__metadata__`` replaced and the header JSON in a canonical form.
+
+    Tensor ``data_offsets`` count from the start of the data, so a new header length
+    leaves them valid. The header is padded with spaces to a multiple of 8 bytes, which
+    keeps the data 8-byte aligned as safetensors itself does.
+    """
+    start = _data_offset(file_bytes)
+    header = json.loads(file_bytes[8:start])
+    header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + file_bytes[start:]
 
 
 # -- formatting -----------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _load_config(loader: Any, location: str, model: ModelArgs, subfolder: str | 
         if subfolder:
             kwargs["subfolder"] = subfolder
         return dict(loader.load_config(location, **kwargs))
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = f"{subfolder}/ of " if subfolder else ""
         raise ModelLoadError(
             f"cannot read {where}model {model.name!r} (revision {model.revision!r}): {exc}"
@@ -114,7 +114,7 @@ def load_base_model(
             return cls.from_pretrained(
                 location, subfolder=subfolder, use_safetensors=True, **common, **extra
             )
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot load {subfolder}/ of model {task.model.name!r} "
                 f"(variant {task.model.variant!r}): {exc}"

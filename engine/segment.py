@@ -178,6 +178,7 @@ def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentO
     start, end = tr.global_step, tr.plan.segment_end(tr.global_step)
     batches = micro_batch_stream(source, tr.plan, start, end, tr.task.dataloader_num_workers)
     bar = progress_bar(opts.progress, start, end)
+    log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
     while True:
         if tr.global_step >= end:
             return "finished" if end >= tr.plan.total_steps else "steps"

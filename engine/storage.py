@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import posixpath
@@ -53,6 +54,7 @@ __all__ = [
     "list_files",
     "read_bytes",
     "redact",
+    "set_default_retry_policy",
     "remove",
     "remove_tree",
     "write_bytes",
@@ -103,7 +105,7 @@ class StorageError(OSError):
     """
 
     def __init__(
-        self, message: str, *, url: str, attempts: int = 1, cause_errno: int | None = None
+        self, message: str, *, url: str = "", attempts: int = 1, cause_errno: int | None = None
     ) -> None:
         super().__init__(message)
         self.url = redact(url)
@@ -113,6 +115,16 @@ class StorageError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with url/attempts/errno intact: orchestrators ship errors between processes.
+        state = {"url": self.url, "attempts": self.attempts, "errno": self.errno}
+        return (type(self), (str(self),), state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.url = state["url"]
+        self.attempts = state["attempts"]
+        self.errno = state["errno"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,16 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+def set_default_retry_policy(policy: RetryPolicy) -> RetryPolicy:
+    """Replace the policy used when callers pass none (e.g. from CLI options); returns the old.
+
+    Checkpoint functions do not take a policy argument; this is how their retries are tuned.
+    """
+    global DEFAULT_RETRY
+    previous, DEFAULT_RETRY = DEFAULT_RETRY, policy
+    return previous
+
+
 # ---------------------------------------------------------------------------------------------
 # Redaction and URL helpers
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +197,7 @@ def redact(text: str) -> str:
     text = _SECRET_PARAM_RE.sub(r"\g<name>***", text)
     for var in _SECRET_ENV_VARS:
         value = os.environ.get(var, "")
-        if len(value) >= 4:
+        if len(value) >= 8:  # short test values would mangle ordinary words
             text = text.replace(value, "***")
     return text
 
@@ -278,8 +300,12 @@ def _fs_protocol(fs: fsspec.AbstractFileSystem) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _transient_types() -> tuple[type[BaseException], ...]:
-    """Exception types worth retrying: network and server-side trouble."""
+    """Exception types worth retrying: network and server-side trouble.
+
+    Computed on first error, so importing this module does not import botocore/aiohttp.
+    """
     types: list[type[BaseException]] = [OSError, TimeoutError, asyncio.TimeoutError]
     try:
         from botocore import exceptions as bce
@@ -296,9 +322,6 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-_TRANSIENT = _transient_types()
-
-
 def _fatal_reason(exc: BaseException) -> str | None:
     """Why ``exc`` cannot be fixed by retrying, or None if it may be transient."""
     if isinstance(exc, PermissionError):
@@ -311,7 +334,7 @@ def _fatal_reason(exc: BaseException) -> str | None:
         return None
     if isinstance(exc, bce.NoCredentialsError):
         return "no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    if isinstance(exc, bce.BotoCoreError) and not isinstance(exc, _TRANSIENT):
+    if isinstance(exc, bce.BotoCoreError) and not isinstance(exc, _transient_types()):
         return "S3 client error"
     return None
 
@@ -322,7 +345,7 @@ def _describe(exc: BaseException) -> str:
 
 def _with_retries(op: str, url: str, fn: Callable[[], T], retry: RetryPolicy | None) -> T:
     """Run ``fn``; retry transient errors per ``retry``; raise StorageError when exhausted."""
-    policy = retry or DEFAULT_RETRY
+    policy = retry if retry is not None else DEFAULT_RETRY
     delays = policy.delays()
     started = time.monotonic()
     attempt = 0
@@ -341,7 +364,7 @@ def _with_retries(op: str, url: str, fn: Callable[[], T], retry: RetryPolicy | N
                     attempts=attempt,
                     cause_errno=getattr(exc, "errno", None),
                 ) from exc
-            if not isinstance(exc, _TRANSIENT):
+            if not isinstance(exc, _transient_types()):
                 raise  # a bug, not a storage problem: keep the original traceback
             if attempt > len(delays):
                 elapsed = time.monotonic() - started
@@ -385,6 +408,16 @@ def _fsync_quietly(handle: Any) -> None:
         pass
 
 
+def _fsync_directory(path: str) -> None:
+    """Make a rename durable across power loss, not just process death (best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """One attempt at writing ``data`` to ``path`` so readers never see a partial file."""
     protocol = _fs_protocol(fs)
@@ -401,6 +434,8 @@ def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             if protocol in _RENAME_PROTOCOLS:
                 _fsync_quietly(handle)
         fs.mv(temp, path)
+        if protocol in _RENAME_PROTOCOLS:
+            _fsync_directory(parent)
     except BaseException:
         with contextlib.suppress(Exception):  # cleanup must not mask the real error
             if fs.exists(temp):

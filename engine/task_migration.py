@@ -31,7 +31,7 @@ def _restamp(to_version: str) -> Callable[[Document], Document]:
 
 #: version -> the step that takes a document of that version to the next one.
 MIGRATIONS: dict[str, Callable[[Document], Document]] = {
-    older: _restamp(newer) for older, newer in zip(KNOWN_VERSIONS, KNOWN_VERSIONS[1:])
+    older: _restamp(newer) for older, newer in zip(KNOWN_VERSIONS, KNOWN_VERSIONS[1:], strict=False)
 }
 
 

@@ -273,18 +273,18 @@ def cross_field_problems(task: TaskDefinition) -> list[Problem]:
             "/train_args/resolution",
             f"must be a positive multiple of 8 (the VAE downsamples by 8), got {ta.resolution}",
         )
-    if ta.num_train_steps is not None and ta.max_train_steps is not None:
-        if ta.num_train_steps > ta.max_train_steps:
-            add(
-                "/train_args/num_train_steps",
-                f"must be <= max_train_steps ({ta.max_train_steps}), got {ta.num_train_steps}",
-            )
-    if ta.num_train_steps is None and ta.max_train_steps is None:
-        if ta.num_train_epochs > ta.max_train_epochs:
-            add(
-                "/train_args/num_train_epochs",
-                f"must be <= max_train_epochs ({ta.max_train_epochs}), got {ta.num_train_epochs}",
-            )
+    both_steps = ta.num_train_steps is not None and ta.max_train_steps is not None
+    if both_steps and ta.num_train_steps > ta.max_train_steps:
+        add(
+            "/train_args/num_train_steps",
+            f"must be <= max_train_steps ({ta.max_train_steps}), got {ta.num_train_steps}",
+        )
+    by_epochs = ta.num_train_steps is None and ta.max_train_steps is None
+    if by_epochs and ta.num_train_epochs > ta.max_train_epochs:
+        add(
+            "/train_args/num_train_epochs",
+            f"must be <= max_train_epochs ({ta.max_train_epochs}), got {ta.num_train_epochs}",
+        )
     warmup = ta.lr_scheduler.lr_warmup_steps
     uses_warmup = ta.lr_scheduler.lr_scheduler != "constant"
     if uses_warmup and ta.max_train_steps is not None and warmup > ta.max_train_steps:
@@ -308,6 +308,13 @@ def cross_field_problems(task: TaskDefinition) -> list[Problem]:
             if not name.strip():
                 add(f"/lora/target_modules/{i}", "must not be empty")
 
+    if lora.init_lora_weights == "loftq":
+        add(
+            "/lora/init_lora_weights",
+            "'loftq' initialises the adapter for a quantized base model by rewriting the base "
+            "weights, so the LoRA would not fit the unmodified model users load it onto; "
+            "loraflow trains on unquantized weights: use true or \"gaussian\"",
+        )
     if task.validation.prompt is not None and not task.validation.prompt.strip():
         add("/validation/prompt", "must not be empty; use null to draw prompts from captions")
     formats = task.output.lora_formats

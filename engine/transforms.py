@@ -92,8 +92,9 @@ def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tenso
     """
     height, width = plan.original_size
     if image.size != (width, height):
-        raise ValueError(f"image is {image.size[0]}x{image.size[1]} but the crop plan is for "
-                         f"{width}x{height}")
+        raise ValueError(
+            f"image is {image.size[0]}x{image.size[1]} but the crop plan is for {width}x{height}"
+        )
     rgb = to_rgb(image)
     new_h, new_w = plan.resized_size
     if (new_w, new_h) != rgb.size:

@@ -83,7 +83,7 @@ def write_validation(
 ) -> list[str]:
     """validation/NN.png (+ prompts.json) under output_dir; returns the PNG URLs."""
     urls = []
-    for i, (prompt, image) in enumerate(zip(prompts, images)):
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=False)):
         params = describe(
             prompt, task.validation.num_inference_steps, task.validation.guidance_scale,
             task.seed, task.train_args.resolution, f"Image: {i}, Global step: {global_step}",

@@ -86,6 +86,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from engine.segment import SegmentOptions, run_segment
 
     task = _task(args.task)
+    if not args.verbose:
+        from engine.logs import silence_progress_bars
+
+        silence_progress_bars()
     stop = StopRequest()
     stop.install()
     opts = SegmentOptions(

@@ -119,14 +119,17 @@ def test_nested_archive_is_kept_as_a_file_not_extracted(tmp_path: Path, out: Pat
 
 
 def test_macos_junk_is_skipped(tmp_path: Path, out: Path) -> None:
-    archive = make_zip(tmp_path / "mac.zip", {"d/a.txt": b"a", "__MACOSX/d/._a.txt": b"junk",
-                                              "d/.DS_Store": b"junk"})
+    archive = make_zip(
+        tmp_path / "mac.zip",
+        {"d/a.txt": b"a", "__MACOSX/d/._a.txt": b"junk", "d/.DS_Store": b"junk"},
+    )
     assert read_tree(extract(archive, out / "dest")) == {"d/a.txt": b"a"}
 
 
 def test_dataset_root_steps_into_a_lone_top_folder(tmp_path: Path, out: Path) -> None:
-    archive = make_zip(tmp_path / "wrapped.zip", {"wrap/inner/a.txt": b"a",
-                                                  "wrap/inner/b.txt": b"b"})
+    archive = make_zip(
+        tmp_path / "wrapped.zip", {"wrap/inner/a.txt": b"a", "wrap/inner/b.txt": b"b"}
+    )
     dest = extract(archive, out / "dest")
     assert dataset_root(dest) == dest / "wrap" / "inner"
     flat = extract(make_zip(tmp_path / "flat.zip", FILES), out / "flat")
@@ -154,8 +157,14 @@ def test_gzip_of_something_else_is_refused(tmp_path: Path, out: Path) -> None:
     assert_left_nothing(tmp_path, out)
 
 
-ESCAPING_NAMES = ["../evil.txt", "a/../../evil.txt", "/tmp/evil.txt", "C:/evil.txt",
-                  "..\\evil.txt", "a\\..\\..\\evil.txt"]
+ESCAPING_NAMES = [
+    "../evil.txt",
+    "a/../../evil.txt",
+    "/tmp/evil.txt",
+    "C:/evil.txt",
+    "..\\evil.txt",
+    "a\\..\\..\\evil.txt",
+]
 
 
 @pytest.mark.parametrize("name", ESCAPING_NAMES)
@@ -208,7 +217,7 @@ def test_zip_symlink_is_refused(tmp_path: Path, out: Path) -> None:
         zf.writestr("ok.txt", b"ok")
         link = zipfile.ZipInfo("evil-link")
         link.create_system = 3
-        link.external_attr = (0o120777 << 16)  # S_IFLNK
+        link.external_attr = 0o120777 << 16  # S_IFLNK
         zf.writestr(link, "/etc/passwd")
     with pytest.raises(ArchiveError, match="symbolic link"):
         extract(archive, out / "dest")
@@ -243,8 +252,9 @@ def test_zip_bomb_by_compression_ratio_is_refused(tmp_path: Path, out: Path) -> 
 
 
 def test_zip_bomb_by_total_size_is_refused(tmp_path: Path, out: Path) -> None:
-    archive = make_zip(tmp_path / "big.zip", {f"f{i}.bin": bytes(range(256)) * 40
-                                              for i in range(10)})
+    archive = make_zip(
+        tmp_path / "big.zip", {f"f{i}.bin": bytes(range(256)) * 40 for i in range(10)}
+    )
     with pytest.raises(ArchiveError, match="total uncompressed size"):
         extract(archive, out / "dest", max_total_bytes=50_000)
     assert_left_nothing(tmp_path, out)
@@ -333,8 +343,7 @@ def test_fetch_downloads_over_http(tmp_path: Path, http_root: tuple[str, Path]) 
     assert [p.name for p in (tmp_path / "dl").iterdir()] == ["data.zip"]
 
 
-def test_fetch_404_is_a_clear_permanent_error(tmp_path: Path,
-                                              http_root: tuple[str, Path]) -> None:
+def test_fetch_404_is_a_clear_permanent_error(tmp_path: Path, http_root: tuple[str, Path]) -> None:
     base, _ = http_root
     with pytest.raises(FetchError, match="HTTP 404") as info:
         fetch(f"{base}/missing.zip", tmp_path / "dl", progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -466,3 +467,38 @@ def test_credentials_in_urls_are_refused_and_redacted(monkeypatch: pytest.Monkey
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")
     text = storage.redact("GET https://u:p@host/x?secret=abc&key=def failed: env-secret-value")
     assert text == "GET https://***@host/x?secret=***&key=*** failed: ***"
+
+
+def test_storage_error_survives_pickling_between_processes() -> None:
+    error = StorageError(
+        "cannot write s3://b/k: disk full", url="s3://b/k", attempts=1, cause_errno=errno.ENOSPC
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, StorageError) and isinstance(copy, OSError)
+    assert (str(copy), copy.url, copy.attempts, copy.errno) == (
+        "cannot write s3://b/k: disk full",
+        "s3://b/k",
+        1,
+        errno.ENOSPC,
+    )
+    assert str(pickle.loads(pickle.dumps(CheckpointError("bad at x")))) == "bad at x"
+
+
+def test_default_retry_policy_is_configurable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(*args: object) -> None:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(storage, "_put_once", unreachable)
+    sleeps: list[float] = []
+    previous = storage.set_default_retry_policy(
+        RetryPolicy(attempts=3, initial_delay_s=0.25, sleep=sleeps.append)
+    )
+    try:
+        with pytest.raises(StorageError, match=r"after 3 attempt\(s\)"):
+            commit_checkpoint(str(tmp_path / "ckpt"), FILES, meta=meta())
+    finally:
+        storage.set_default_retry_policy(previous)
+    assert sleeps == [0.25, 0.5]
+    assert storage.DEFAULT_RETRY is previous

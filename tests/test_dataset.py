@@ -60,8 +60,14 @@ def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size (a decompression bomb's first bytes)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64)
+    idat = struct.pack(">I", 1 << 20) + b"IDAT" + b"\x00" * 64  # data "to follow"
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + idat
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +124,14 @@ def test_prepare_from_imagefolder_with_metadata_jsonl(demo, tmp_path: Path) -> N
     image = ds.image(1)
     assert image.mode == "RGB" and image.size == (80, 96)
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
-        "images", "manifest.json", "records.jsonl"]
+        "images",
+        "manifest.json",
+        "records.jsonl",
+    ]
     assert (tmp_path / "ds" / "images" / "000023.png").is_file()
 
 
-def test_prepare_from_parquet_file_into_memory_dest(demo, tmp_path: Path,
-                                                    memory_dest: str) -> None:
+def test_prepare_from_parquet_file_into_memory_dest(demo, tmp_path: Path, memory_dest: str) -> None:
     manifest = prepare(DatasetArgs(name=str(demo.parquet)), memory_dest, tmp_path)
     assert manifest.count == NUM_IMAGES
     assert manifest.address == memory_dest
@@ -138,8 +146,7 @@ def test_prepare_from_zip_url_file_scheme(demo, tmp_path: Path) -> None:
     assert list((tmp_path / "work").iterdir()) == []  # scratch (download, caches) removed
 
 
-def test_prepare_from_zip_over_http(demo, tmp_path: Path, http_base: str,
-                                    memory_dest: str) -> None:
+def test_prepare_from_zip_over_http(demo, tmp_path: Path, http_base: str, memory_dest: str) -> None:
     manifest = prepare(DatasetArgs(url=f"{http_base}/{demo.zip.name}"), memory_dest, tmp_path)
     assert manifest.count == NUM_IMAGES
     assert open_dataset(memory_dest).captions(0) == [make_sample(0).text]
@@ -153,9 +160,13 @@ def test_prepare_from_demo_name(tmp_path: Path) -> None:
 def test_same_content_gives_same_hash_whatever_the_form(demo, tmp_path: Path) -> None:
     hashes = {
         prepare(args, tmp_path / f"ds{i}", tmp_path).content_hash
-        for i, args in enumerate([DatasetArgs(name=str(demo.imagefolder)),
-                                  DatasetArgs(name=str(demo.parquet)),
-                                  DatasetArgs(url=demo.zip.as_uri())])
+        for i, args in enumerate(
+            [
+                DatasetArgs(name=str(demo.imagefolder)),
+                DatasetArgs(name=str(demo.parquet)),
+                DatasetArgs(url=demo.zip.as_uri()),
+            ]
+        )
     }
     assert len(hashes) == 1
 
@@ -179,8 +190,10 @@ def test_unsafe_archive_is_a_dataset_error(tmp_path: Path) -> None:
 
 def test_train_split_is_chosen_among_several(tmp_path: Path) -> None:
     image_folder(tmp_path / "src" / "train", [("a.png", png(), "train caption")])
-    image_folder(tmp_path / "src" / "test", [("b.png", png(), "test caption"),
-                                             ("c.png", png(), "test caption")])
+    image_folder(
+        tmp_path / "src" / "test",
+        [("b.png", png(), "test caption"), ("c.png", png(), "test caption")],
+    )
     prepare(DatasetArgs(name=str(tmp_path / "src")), tmp_path / "ds", tmp_path)
     ds = open_dataset(str(tmp_path / "ds"))
     assert len(ds) == 1 and ds.captions(0) == ["train caption"]
@@ -213,8 +226,9 @@ def test_csv_with_relative_image_paths_and_an_escaping_one(tmp_path: Path) -> No
 # -- idempotence and hashes --------------------------------------------------------------
 
 
-def test_second_prepare_of_same_source_reuses_the_result(demo, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_prepare_of_same_source_reuses_the_result(
+    demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = DatasetArgs(name=str(demo.imagefolder))
     first = prepare(args, tmp_path / "ds", tmp_path)
 
@@ -234,14 +248,17 @@ def test_other_source_at_same_dest_is_prepared_again(demo, tmp_path: Path) -> No
 
 def test_content_hash_is_stable_and_follows_captions(tmp_path: Path) -> None:
     items = [("a.png", png(color=(1, 2, 3)), "first"), ("b.png", png(color=(4, 5, 6)), "second")]
-    one = prepare(DatasetArgs(name=str(image_folder(tmp_path / "s1", items))),
-                  tmp_path / "d1", tmp_path)
-    two = prepare(DatasetArgs(name=str(image_folder(tmp_path / "s2", items))),
-                  tmp_path / "d2", tmp_path)
+    one = prepare(
+        DatasetArgs(name=str(image_folder(tmp_path / "s1", items))), tmp_path / "d1", tmp_path
+    )
+    two = prepare(
+        DatasetArgs(name=str(image_folder(tmp_path / "s2", items))), tmp_path / "d2", tmp_path
+    )
     assert one.content_hash == two.content_hash
     items[1] = ("b.png", items[1][1], "second, edited")
-    three = prepare(DatasetArgs(name=str(image_folder(tmp_path / "s3", items))),
-                    tmp_path / "d3", tmp_path)
+    three = prepare(
+        DatasetArgs(name=str(image_folder(tmp_path / "s3", items))), tmp_path / "d3", tmp_path
+    )
     assert three.content_hash != one.content_hash
 
 
@@ -271,25 +288,31 @@ def test_manifest_source_has_no_credentials(tmp_path: Path, demo, http_base: str
 
 def test_missing_column_error_names_existing_columns(demo, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="'caption'.*columns are: image, text"):
-        prepare(DatasetArgs(name=str(demo.imagefolder), caption_column="caption"),
-                tmp_path / "ds", tmp_path)
+        prepare(
+            DatasetArgs(name=str(demo.imagefolder), caption_column="caption"),
+            tmp_path / "ds",
+            tmp_path,
+        )
     with pytest.raises(DatasetError, match="'picture'.*image, text"):
-        prepare(DatasetArgs(name=str(demo.parquet), image_column="picture"),
-                tmp_path / "ds", tmp_path)
+        prepare(
+            DatasetArgs(name=str(demo.parquet), image_column="picture"), tmp_path / "ds", tmp_path
+        )
     assert not (tmp_path / "ds").exists()
 
 
 def test_list_captions_are_kept_whole(tmp_path: Path) -> None:
-    src = image_folder(tmp_path / "src", [("a.png", png(), ["one", "uno"]),
-                                          ("b.png", png(), ["two"])])
+    src = image_folder(
+        tmp_path / "src", [("a.png", png(), ["one", "uno"]), ("b.png", png(), ["two"])]
+    )
     prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
     ds = open_dataset(str(tmp_path / "ds"))
     assert [ds.captions(0), ds.captions(1)] == [["one", "uno"], ["two"]]
 
 
 def test_empty_captions_are_allowed_and_counted(tmp_path: Path) -> None:
-    src = image_folder(tmp_path / "src", [("a.png", png(), "cat"), ("b.png", png(), ""),
-                                          ("c.png", png(), None)])
+    src = image_folder(
+        tmp_path / "src", [("a.png", png(), "cat"), ("b.png", png(), ""), ("c.png", png(), None)]
+    )
     manifest = prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
     assert manifest.count == 3 and manifest.empty_captions == 2
     assert open_dataset(str(tmp_path / "ds")).captions(2) == [""]
@@ -328,15 +351,18 @@ def test_foreign_files_at_dest_are_not_overwritten(demo, tmp_path: Path) -> None
 
 def test_bad_images_are_skipped_with_a_report(tmp_path: Path) -> None:
     good = png()
-    src = image_folder(tmp_path / "src", [
-        ("good.png", good, "good"),
-        ("empty.png", b"", "zero bytes"),
-        ("truncated.png", png(64, 64)[:60], "truncated"),
-        ("garbage.png", b"this is not an image at all" * 10, "corrupt"),
-        ("bomb.png", png_header_claiming(100_000, 100_000), "decompression bomb"),
-        ("tiny.png", png(4, 30), "too small"),
-        ("big.png", png_header_claiming(9000, 9000), "over our limit"),
-    ])
+    src = image_folder(
+        tmp_path / "src",
+        [
+            ("good.png", good, "good"),
+            ("empty.png", b"", "zero bytes"),
+            ("truncated.png", png(64, 64)[:60], "truncated"),
+            ("garbage.png", b"this is not an image at all" * 10, "corrupt"),
+            ("bomb.png", png_header_claiming(100_000, 100_000), "decompression bomb"),
+            ("tiny.png", png(4, 30), "too small"),
+            ("big.png", png_header_claiming(9000, 9000), "over our limit"),
+        ],
+    )
     manifest = prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
     assert manifest.count == 1
     reasons = {s["index"]: s["reason"] for s in manifest.skipped}
@@ -387,8 +413,11 @@ def test_unusual_modes_load_as_rgb(tmp_path: Path) -> None:
     items = [
         ("a-cmyk.jpg", encoded(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG"), "cmyk"),
         ("b-16bit.png", encoded(sixteen, "PNG"), "16-bit"),
-        ("c-palette.png", encoded(_palette_with_transparent_half(), "PNG", transparency=0),
-         "palette with transparency"),
+        (
+            "c-palette.png",
+            encoded(_palette_with_transparent_half(), "PNG", transparency=0),
+            "palette with transparency",
+        ),
         ("d-la.png", encoded(Image.new("LA", (16, 16), (0, 0)), "PNG"), "grey + alpha"),
         ("e-anim.gif", _two_frame_gif(), "animated"),
     ]

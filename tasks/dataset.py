@@ -1,0 +1,28 @@
+"""Prepare the task's dataset once: decode, check and store it where segments find it."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from engine.prepared_data import prepare_for_task
+from engine.task import TaskDefinition
+from tasks import RUN_SCOPED
+from tasks.logging_bridge import engine_logs_to_prefect
+
+
+@task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
+def prepare_dataset(task: TaskDefinition, data_dir: str | None = None) -> dict:
+    """The dataset manifest: where the prepared data lives, how many examples, its hash.
+
+    The engine keeps prepared data at an address derived from the dataset arguments, so
+    a second run (or a segment on another worker with the same ``data_dir``) finds it.
+    """
+    with engine_logs_to_prefect():
+        manifest = prepare_for_task(task, data_dir)
+    return {
+        "address": manifest.address,
+        "count": manifest.count,
+        "content_hash": manifest.content_hash,
+        "skipped": len(manifest.skipped),
+        "empty_captions": manifest.empty_captions,
+    }

@@ -1,0 +1,67 @@
+"""Publish the finished LoRA (diffusers + kohya files, model card, metrics, run summary)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import task
+from prefect.runtime import flow_run
+
+from engine import storage
+from engine.prepared_data import load_dataset_for_task
+from engine.publish import publish_lora
+from engine.task import TaskDefinition
+from tasks import RUN_SCOPED
+from tasks.logging_bridge import engine_logs_to_prefect
+
+
+def merge_metrics(metrics_urls: list[str], target: str) -> str | None:
+    """Concatenate the segments' ``metrics.jsonl`` (in order) into one file at ``target``.
+
+    A segment that was found already committed on a re-run contributes its file once,
+    as written by the attempt that committed it: no step appears twice.
+    """
+    parts = [storage.read_bytes(url) for url in metrics_urls if url]
+    if not parts:
+        return None
+    storage.write_bytes(target, b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts))
+    return target
+
+
+@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
+def publish(
+    task: TaskDefinition,
+    checkpoint: str,
+    output_dir: str,
+    dataset: dict,
+    validation_images: list[str],
+    segment_metrics: list[str],
+    run_summary: dict,
+    data_dir: str | None = None,
+) -> dict:
+    """Write ``<output_dir>/lora/`` from the final checkpoint; return the URLs written.
+
+    Publishing rewrites the same files when run again (a retry after a crash mid-write
+    is harmless). The dates in the summary are the flow run's scheduled start (stable
+    across retries of the run) and now.
+    """
+    with engine_logs_to_prefect():
+        data = load_dataset_for_task(task, data_dir)
+        captions = [(data.captions(i) or [""])[0] for i in range(len(data))]
+        metrics_url = merge_metrics(
+            segment_metrics, storage.join(output_dir, "metrics", "metrics.jsonl")
+        )
+        started = flow_run.scheduled_start_time
+        summary = {
+            **run_summary,
+            "started_at": started.isoformat() if started else None,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return publish_lora(
+            checkpoint, task, output_dir,
+            dataset_hash=dataset["content_hash"],
+            captions=captions,
+            validation_images=validation_images,
+            metrics_url=metrics_url,
+            run_summary=summary,
+        )
