@@ -45,7 +45,8 @@ def caches_latents(task: TaskDefinition) -> bool:
 
 
 def caches_text(task: TaskDefinition) -> bool:
-    return task.train_args.cache == "auto"
+    """Caption embeddings are fixed only while the text encoders are frozen."""
+    return task.train_args.cache == "auto" and task.lora.text_encoder is None
 
 
 def cache_fingerprint(task: TaskDefinition, model_identity: str, dataset_hash: str) -> str:
@@ -53,7 +54,8 @@ def cache_fingerprint(task: TaskDefinition, model_identity: str, dataset_hash: s
     ta = task.train_args
     key = {
         "format": CACHE_FORMAT,
-        "model": [task.model.name, task.model.revision, task.model.variant, model_identity],
+        "model": [task.model.name, task.model.revision, task.model.variant, task.model.vae,
+                  model_identity],
         "precision": task.mixed_precision,
         "text": caches_text(task),
         "latents": caches_latents(task),

@@ -55,15 +55,16 @@ def read_lora_bytes(location: str) -> bytes:
         data = storage.read_bytes(location)
     except FileNotFoundError:
         raise LoraFileRefused(f"LoRA file not found: {storage.redact(location)}") from None
-    if data.startswith(_PICKLE_MAGIC):
-        raise LoraFileRefused(
-            f"{storage.redact(location)} is a pickle (torch.save) file, not safetensors; "
-            "it is never unpickled"
-        )
     try:
         read_metadata(data)
     except (ValueError, UnicodeDecodeError) as exc:
+        # Diagnosed only after the safetensors parse failed: a safetensors header length
+        # can start with the same byte as a pickle.
         where = storage.redact(location)
+        if data.startswith(_PICKLE_MAGIC):
+            raise LoraFileRefused(
+                f"{where} is a pickle (torch.save) file, not safetensors; it is never unpickled"
+            ) from None
         raise LoraFileRefused(f"{where} is not a safetensors file: {exc}") from None
     return data
 
@@ -94,7 +95,7 @@ def inspect_lora(path: str) -> dict[str, Any]:
             f"(e.g. key {next(iter(sorted(tensors)), '<none>')!r})"
         )
     modules = lora_modules(tensors, metadata)
-    family, reason = guess_family(tensors, modules)
+    family, reason = guess_family(tensors, modules, metadata)
     components: dict[str, int] = {}
     for m in modules:
         components[m.component] = components.get(m.component, 0) + 1
@@ -253,7 +254,8 @@ def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: fl
     """
     tensors = _tensors(data, location)
     if detect_format(tensors) != "unknown":  # other layouts: diffusers' converters decide
-        lora_family, reason = guess_family(tensors, lora_modules(tensors, read_metadata(data)))
+        metadata = read_metadata(data)
+        lora_family, reason = guess_family(tensors, lora_modules(tensors, metadata), metadata)
         if lora_family not in ("unknown", family_name):
             raise LoraFileRefused(
                 f"{storage.redact(location)} is a {lora_family} LoRA ({reason}); "

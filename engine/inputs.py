@@ -129,6 +129,7 @@ class SampleSource:
     def __init__(self, task: TaskDefinition, dataset: Any, base: Any, cache: Any | None) -> None:
         self.task, self.dataset, self.base, self.cache = task, dataset, base, cache
         self.num_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
+        self.trains_text = task.lora.text_encoder is not None
         self.latent_shape = _latent_shape(base, task.train_args.resolution)
 
     def prepare(self, refs: list[SampleRef]) -> list[PreparedSample]:
@@ -143,6 +144,8 @@ class SampleSource:
         if posterior is None:
             pixels = apply_crop(self.dataset.image(ref.index), d.crop, flip=d.flip)
         cond = self.cache.text(d.caption) if cached and self.cache.has_text else None
+        if self.trains_text:
+            cond = None  # encoded with gradients in the main process
         return PreparedSample(ref, d, noise, t, pixels, posterior, cond)
 
     def batch(self, samples: list[PreparedSample]) -> Batch:
@@ -151,7 +154,8 @@ class SampleSource:
         for s in samples:
             mean, std = s.posterior if s.posterior is not None else encode_image(base.vae, s.pixels)
             latents.append(draw_latent(mean, std, task.seed, s.ref) * base.vae_scaling_factor)
-            conds.append(s.conditioning if s.conditioning is not None else encode_caption(base, s.decision.caption))
+            if not self.trains_text:
+                conds.append(s.conditioning if s.conditioning is not None else encode_caption(base, s.decision.caption))
         time_ids = None
         if base.family.is_sdxl:
             res = task.train_args.resolution
@@ -161,13 +165,27 @@ class SampleSource:
                 (res, res),
             ).to(base.device)
         device = base.device
+        if self.trains_text:  # the text-encoder LoRA learns: encode with gradients
+            with _autocast(base):
+                conditioning = encode_captions(base.family, base.tokenizers, base.text_encoders,
+                                               [s.decision.caption for s in samples], device)
+        else:
+            conditioning = {k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]}
         return Batch(
             latents=torch.stack(latents).to(device),
             noise=torch.stack([s.noise for s in samples]).to(device),
             timesteps=torch.cat([s.timestep for s in samples]).to(device),
-            conditioning={k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]},
+            conditioning=conditioning,
             time_ids=time_ids,
         )
+
+
+def _autocast(base: Any) -> Any:
+    from contextlib import nullcontext
+
+    if base.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(base.device.type, dtype=base.dtype)
 
 
 def _latent_shape(base: Any, resolution: int) -> torch.Size:

@@ -227,6 +227,10 @@ _KOHYA_COMPONENTS = {
 #: Cross-attention width (text embedding size) -> family, for the released models.
 _CROSS_ATTENTION_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2"}
+_ARCHITECTURE_FAMILY = {
+    "stable-diffusion-xl-": "sdxl", "stable-diffusion-v2": "sd2", "stable-diffusion-v1": "sd1",
+}
+_BASE_VERSION_FAMILY = {"sdxl_": "sdxl", "sd_v2": "sd2", "sd_v1": "sd1"}
 
 
 @dataclass(frozen=True)
@@ -283,10 +287,31 @@ def _kohya_modules(tensors: Mapping[str, torch.Tensor]) -> list[LoraModule]:
     return modules
 
 
-def guess_family(keys: Iterable[str], modules: list[LoraModule]) -> tuple[str, str]:
+def guess_family(
+    keys: Iterable[str], modules: list[LoraModule], metadata: Mapping[str, str] | None = None
+) -> tuple[str, str]:
     """(family name or "unknown", why): SDXL by its second text encoder or add_embedding,
-    otherwise by the width of the cross-attention or text-encoder inputs."""
-    names = list(keys)
+    otherwise by the width of the cross-attention or text-encoder inputs; failing those,
+    by what the header claims (``modelspec.architecture``, ``ss_base_model_version``)."""
+    family, reason = _family_from_keys(list(keys), modules)
+    if family == "unknown" and metadata:
+        return _family_from_metadata(metadata) or (family, reason)
+    return family, reason
+
+
+def _family_from_metadata(metadata: Mapping[str, str]) -> tuple[str, str] | None:
+    architecture = metadata.get("modelspec.architecture", "")
+    for prefix, family in _ARCHITECTURE_FAMILY.items():
+        if architecture.startswith(prefix):
+            return family, f"header modelspec.architecture {architecture}"
+    version = metadata.get("ss_base_model_version", "")
+    for prefix, family in _BASE_VERSION_FAMILY.items():
+        if version.startswith(prefix):
+            return family, f"header ss_base_model_version {version}"
+    return None
+
+
+def _family_from_keys(names: list[str], modules: list[LoraModule]) -> tuple[str, str]:
     if any(m.component == "text_encoder_2" for m in modules):
         return "sdxl", "has a second text encoder"
     if any(k.startswith("lora_te1_") for k in names):

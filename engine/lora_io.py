@@ -10,6 +10,7 @@ metadata (rank, alpha, targets) exactly as diffusers expects them.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def lora_file_bytes(
     for prefix, encoder in (text_encoders or {}).items():
         kwargs[f"{prefix}_lora_layers"] = get_peft_model_state_dict(encoder)
         kwargs[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # peft looks for a tokenizer config to see if the vocabulary changed; we never change it
+        warnings.filterwarnings("ignore", message="Could not find a config file")
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         return canonical((Path(tmp) / LORA_FILE).read_bytes())
 

@@ -167,6 +167,8 @@ def tensor_data_hash(file_bytes: bytes) -> str:
 def read_metadata(file_bytes: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
     header = json.loads(file_bytes[8 : _data_offset(file_bytes)])
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file: the header is not a JSON object")
     return dict(header.get("__metadata__") or {})
 
 

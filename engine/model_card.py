@@ -69,7 +69,7 @@ def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -
         _settings(facts),
         _validation(files),
         _files(files),
-        _usage(files),
+        _usage(facts, files),
     ]
     return "\n".join(s for s in sections if s).rstrip() + "\n"
 
@@ -81,9 +81,8 @@ def _front_matter(facts: LoraFacts) -> str:
     """Hub model-card metadata; base_model only for a real Hub id (not a local path)."""
     lines = ["---", "library_name: diffusers", "tags:"]
     lines += [f"- {tag}" for tag in ("lora", "stable-diffusion", "text-to-image", "loraflow")]
-    name = facts.task.model.name
-    if _HUB_ID.match(name) and not name.startswith("loraflow/"):
-        lines.append(f"base_model: {name}")
+    if _is_hub_id(facts.task.model.name):
+        lines.append(f"base_model: {facts.task.model.name}")
     return "\n".join([*lines, "---", ""])
 
 
@@ -163,17 +162,25 @@ def _files(files: CardFiles) -> str:
     return "\n".join([*lines, ""])
 
 
-def _usage(files: CardFiles) -> str:
+def _usage(facts: LoraFacts, files: CardFiles) -> str:
     lines = ["## How to use", ""]
     weight = files.diffusers or files.kohya
+    base = facts.task.model.name if _is_hub_id(facts.task.model.name) else "<base model>"
     lines += [
         "### diffusers",
         "",
         "```python",
         "from diffusers import AutoPipelineForText2Image",
         "",
-        'pipe = AutoPipelineForText2Image.from_pretrained("<base model>")',
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weight}")',
+        "```",
+        "",
+        "### loraflow",
+        "",
+        "```sh",
+        f"loraflow generate --model {facts.task.model.name} --lora {weight} "
+        '--prompt "<prompt>" --seed 0',
         "```",
         "",
     ]
@@ -195,3 +202,8 @@ def _usage(files: CardFiles) -> str:
 
 def _as_list(value: list[str] | str) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def _is_hub_id(name: str) -> bool:
+    """owner/name, not a local path and not one of loraflow's embedded tiny models."""
+    return bool(_HUB_ID.match(name)) and not name.startswith("loraflow/")

@@ -19,7 +19,7 @@ import torch
 from engine.errors import ConfigurationError, LoraflowError
 from engine.family import Family, detect_family
 from engine.seeding import derive_seed
-from engine.task import ModelArgs, TaskDefinition
+from engine.task import DEFAULT_TEXT_TARGET_MODULES, ModelArgs, TaskDefinition
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def inspect_model(model: ModelArgs) -> tuple[str, Family]:
 
     location = resolve_model_location(model)
     index = _load_config(DiffusionPipeline, location, model, None)
+    detect_family(index, {}, {})  # refuse SD3, Flux, ... before looking for a unet/
     unet_config = _load_config(UNet2DConditionModel, location, model, "unet")
     scheduler_config = _load_config(DDPMScheduler, location, model, "scheduler")
     return location, detect_family(index, unet_config, scheduler_config)
@@ -102,7 +103,7 @@ def load_base_model(
     task: TaskDefinition, device: torch.device, *, with_vae: bool = True, with_text: bool = True
 ) -> BaseModel:
     """Load the UNet (on CPU, so the adapter is initialised by a CPU RNG) and the rest."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     location, family = inspect_model(task.model)
@@ -127,9 +128,7 @@ def load_base_model(
     )
     base = BaseModel(location, family, device, dtype, unet, scheduler)
     if with_vae:
-        # The SD VAEs overflow in fp16; encode in fp32 unless bf16 was asked for.
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        base.vae = load(AutoencoderKL, "vae", torch_dtype=vae_dtype).to(device).eval()
+        base.vae = load_vae(task, location, dtype, load).to(device).eval()
         base.vae.requires_grad_(False)
     if with_text:
         for i, (tok_dir, enc_dir) in enumerate(family.text_encoders):
@@ -141,6 +140,28 @@ def load_base_model(
             encoder.requires_grad_(False)
             base.text_encoders.append(encoder)
     return base
+
+
+def load_vae(task: TaskDefinition, location: str, dtype: torch.dtype, load: Any) -> Any:
+    """The model's VAE, or the one ``model.vae`` names.
+
+    The SD and SDXL VAEs overflow in fp16 (NaN latents), so under fp16 training the
+    model's own VAE runs in fp32; a VAE named by the user (e.g. a fixed SDXL VAE) is
+    trusted to be fp16-safe and runs in the training dtype.
+    """
+    from diffusers import AutoencoderKL
+
+    if task.model.vae is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        return load(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+    from engine.embedded.registry import resolve_model
+
+    try:
+        return AutoencoderKL.from_pretrained(
+            resolve_model(task.model.vae), torch_dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the VAE {task.model.vae!r} (model.vae): {exc}") from None
 
 
 # -- the adapter ----------------------------------------------------------------------
@@ -158,26 +179,53 @@ def lora_config(task: TaskDefinition) -> Any:
     )
 
 
-def add_unet_lora(unet: Any, task: TaskDefinition) -> None:
-    """Attach the adapter with weights drawn from a generator seeded by the task.
+def text_lora_config(task: TaskDefinition) -> Any:
+    from peft import LoraConfig
+
+    te = task.lora.text_encoder
+    assert te is not None
+    return LoraConfig(
+        r=te.rank,
+        lora_alpha=te.alpha if te.alpha is not None else float(te.rank),
+        init_lora_weights=task.lora.init_lora_weights,
+        target_modules=te.target_modules or list(DEFAULT_TEXT_TARGET_MODULES),
+    )
+
+
+def _attach(module: Any, config: Any, seed: int, index: int, what: str, pointer: str) -> None:
+    """Attach an adapter with weights drawn from a generator seeded by (seed, index).
 
     peft draws from the global RNG, so it runs inside a forked, seeded RNG: the
-    initial adapter depends on (seed) only, and no global state leaks out.
+    initial adapter depends on the task seed only, and no global state leaks out.
     """
-    config = lora_config(task)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(task.seed, "lora_init"))
+        torch.manual_seed(derive_seed(seed, "lora_init", index))
         try:
-            unet.add_adapter(config)
+            module.add_adapter(config)
         except ValueError as exc:
             if "not found" in str(exc) or "Target modules" in str(exc):
                 raise ConfigurationError(
-                    f"lora.target_modules {task.lora.target_modules!r} matches no module of "
-                    f"the UNet: {exc}"
+                    f"{pointer} {config.target_modules!r} matches no module of the {what}: {exc}"
                 ) from None
             raise
-    for param in lora_parameters(unet).values():
+    for param in lora_parameters(module).values():
         param.data = param.data.float()  # trainable weights in fp32 whatever the base dtype
+
+
+def add_lora_adapters(base: BaseModel, task: TaskDefinition) -> dict[str, Any]:
+    """Adapters on the UNet (and text encoders when asked); returns {prefix: module}.
+
+    The prefixes are the diffusers LoRA file's: unet, text_encoder, text_encoder_2.
+    """
+    _attach(base.unet, lora_config(task), task.seed, 0, "UNet", "lora.target_modules")
+    adapted = {"unet": base.unet}
+    if task.lora.text_encoder is not None:
+        for i, encoder in enumerate(base.text_encoders):
+            _attach(encoder.cpu(), text_lora_config(task), task.seed, i + 1, "text encoder",
+                    "lora.text_encoder.target_modules")
+            encoder.to(base.device)
+            adapted["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+    return adapted
 
 
 def lora_parameters(module: Any) -> dict[str, torch.nn.Parameter]:

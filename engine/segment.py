@@ -30,7 +30,7 @@ from engine.loss import min_snr_weights, per_sample_loss, snr, target_for
 from engine.metrics import MetricsLog
 from engine.models import (
     BaseModel,
-    add_unet_lora,
+    add_lora_adapters,
     load_base_model,
     lora_parameters,
     training_device,
@@ -99,7 +99,8 @@ class Trainer:
     task: TaskDefinition
     base: BaseModel
     plan: TrainingPlan
-    params: dict[str, torch.nn.Parameter]
+    adapted: dict[str, Any]  # {"unet": unet, "text_encoder": ..., ...}: modules with a LoRA
+    params: dict[str, torch.nn.Parameter]  # "unet.<name>" -> parameter, stable order
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: Any  # torch.amp.GradScaler for fp16 on CUDA, else None
@@ -113,16 +114,21 @@ class Trainer:
 
 
 def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> Trainer:
-    add_unet_lora(base.unet, task)
+    adapted = add_lora_adapters(base, task)
     base.unet.to(base.device)
-    params = lora_parameters(base.unet)
     ta = task.train_args
-    lr = ta.learning_rate
-    if ta.scale_lr:
-        lr *= ta.gradient_accumulation_steps * ta.batch_size  # one process
+    scale = ta.gradient_accumulation_steps * ta.batch_size if ta.scale_lr else 1  # one process
+    groups, params = [], {}
+    for prefix, module in adapted.items():
+        named = {f"{prefix}.{n}": p for n, p in lora_parameters(module).items()}
+        params |= named
+        lr = ta.learning_rate
+        if prefix != "unet" and task.lora.text_encoder.learning_rate is not None:
+            lr = task.lora.text_encoder.learning_rate
+        groups.append({"params": list(named.values()), "lr": lr * scale})
     adam = ta.adam_args
     optimizer = torch.optim.AdamW(
-        list(params.values()), lr=lr, betas=(adam.beta1, adam.beta2),
+        groups, betas=(adam.beta1, adam.beta2),
         weight_decay=adam.weight_decay, eps=adam.epsilon, foreach=False,
     )
     from diffusers.optimization import get_scheduler
@@ -135,7 +141,7 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
     if base.dtype == torch.float16 and base.device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
     prediction = ta.prediction_type or base.noise_scheduler.config.prediction_type
-    return Trainer(task, base, plan, params, optimizer, lr_scheduler, scaler, prediction, 0)
+    return Trainer(task, base, plan, adapted, params, optimizer, lr_scheduler, scaler, prediction, 0)
 
 
 def train_step(tr: Trainer, micro_batches: Iterator[list[Any]], source: SampleSource) -> dict:
@@ -257,7 +263,10 @@ def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, byte
         **extra_state,
     }
     return {
-        LORA_FILE: lora_file_bytes(_pipeline_class(tr.base), tr.base.unet),
+        LORA_FILE: lora_file_bytes(
+            _pipeline_class(tr.base), tr.base.unet,
+            {k: v for k, v in tr.adapted.items() if k != "unet"},
+        ),
         OPTIMIZER_FILE: moments,
         STATE_FILE: json.dumps(state, indent=2, sort_keys=True).encode(),
     }
@@ -271,7 +280,7 @@ def _pipeline_class(base: BaseModel) -> Any:
 
 def restore(tr: Trainer, loaded: Any) -> dict[str, Any]:
     state = json.loads(loaded.files[STATE_FILE])
-    restore_lora(loaded.files[LORA_FILE], {"unet": tr.base.unet})
+    restore_lora(loaded.files[LORA_FILE], tr.adapted)
     restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE], state["optimizer"])
     restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])
     if tr.scaler and state.get("grad_scaler"):
@@ -348,6 +357,9 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     clock.after_save_seconds = previous.get("validation_seconds", 0.0) if opts.validate else 0.0
 
     cache = None
+    if task.lora.text_encoder is not None:
+        log.info("training a text-encoder LoRA: captions are encoded every step (latents "
+                 "can still come from the cache)")
     if opts.cache_root:
         cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base), progress=None)
     source = SampleSource(task, dataset, base, cache)

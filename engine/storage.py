@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_RETRY",
     "RetryPolicy",
     "StorageError",
+    "basename",
     "clear_filesystem_cache",
     "exists",
     "filesystem",

@@ -44,6 +44,14 @@ class ModelArgs(_Strict):
     )
     variant: str | None = Field(None, description="Weight file variant to load, e.g. fp16.")
     revision: str = Field("main", description="Branch, tag or commit of the model repository.")
+    # loraflow additions
+    vae: str | None = Field(
+        None,
+        min_length=1,
+        description="loraflow: a VAE (Hub ID or local diffusers folder) to use instead of the "
+        "model's, e.g. a fixed SDXL VAE that does not overflow in fp16. null: the model's own "
+        "VAE (SDXL's is then run in fp32 under fp16 training).",
+    )
 
 
 class DatasetArgs(_Strict):
@@ -139,6 +147,23 @@ class TrainArgs(_Strict):
     )
 
 
+#: The CLIP text-encoder projections adapted when ``lora.text_encoder.target_modules`` is null.
+DEFAULT_TEXT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class TextEncoderLoraArgs(_Strict):
+    """loraflow addition: a LoRA on the text encoder(s) as well (both of them for SDXL)."""
+
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank of the text-encoder adapter.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: alpha = rank.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Text-encoder modules to adapt; null: q_proj, k_proj, v_proj, out_proj."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the text-encoder adapter; null: the UNet's."
+    )
+
+
 class LoraArgs(_Strict):
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     init_lora_weights: bool | Literal["gaussian", "loftq"] = Field(
@@ -155,6 +180,11 @@ class LoraArgs(_Strict):
         gt=0,
         description="loraflow: LoRA alpha; the update is scaled by alpha / rank. null: alpha "
         "= rank (Crynux's behaviour).",
+    )
+    text_encoder: TextEncoderLoraArgs | None = Field(
+        None,
+        description="loraflow: also train a LoRA on the text encoder(s); this turns off the "
+        "caption-embedding cache for the run (latents stay cached). null: UNet only.",
     )
 
 
@@ -182,12 +212,14 @@ class TaskDefinition(_Strict):
         extra="forbid", validate_assignment=True, title="FinetuneLoraTaskArgs"
     )
 
-    model: ModelArgs
-    dataset: DatasetArgs
-    validation: ValidationArgs
-    train_args: TrainArgs
-    lora: LoraArgs = Field(default_factory=LoraArgs)
-    transforms: TransformArgs = Field(default_factory=TransformArgs)
+    model: ModelArgs = Field(description="The pretrained base model.")
+    dataset: DatasetArgs = Field(description="The training images and captions.")
+    validation: ValidationArgs = Field(description="How validation images are made.")
+    train_args: TrainArgs = Field(description="Optimisation, schedule and segment length.")
+    lora: LoraArgs = Field(default_factory=LoraArgs, description="The LoRA adapter's shape.")
+    transforms: TransformArgs = Field(
+        default_factory=TransformArgs, description="Image augmentation."
+    )
     dataloader_num_workers: int = Field(
         0, ge=0, description="Data loading subprocesses (honoured, unlike Crynux)."
     )

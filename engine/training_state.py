@@ -74,7 +74,10 @@ def optimizer_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
             tensors[f"{names[index]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[i] for i in g["params"]]}
+        for g in state["param_groups"]
+    ]
     return dump(tensors), {"param_groups": groups, "param_names": names}
 
 
@@ -90,7 +93,11 @@ def restore_optimizer(
     for key, value in tensors.items():
         name, field = key.split("::")
         state.setdefault(names.index(name), {})[field] = value
-    groups = [{**g, "params": list(range(len(names)))} for g in saved["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "param_names"},
+         "params": [names.index(n) for n in g["param_names"]]}
+        for g in saved["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -124,6 +124,10 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     ).to(device)
     prediction = task.train_args.prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
     pipe.scheduler = scheduler_for_inference(location, task.model.revision, prediction)
+    if task.model.vae is not None:
+        from engine.models import load_vae
+
+        pipe.vae = load_vae(task, location, dtype, None).to(device)
     with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
         (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])
         pipe.load_lora_weights(tmp, weight_name=LORA_FILE)

@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="shared cache location (default: $LORAFLOW_HOME/cache)")
     p.add_argument("--data-dir", help="prepared datasets location (default: $LORAFLOW_HOME/datasets)")
     p.add_argument("--budget-seconds", type=float, help="wall-clock budget of each segment")
+    from flows.commands_flow import add_commands as add_flow_commands; add_flow_commands(sub)  # noqa: E702, I001
     return parser
 
 

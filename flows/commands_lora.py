@@ -54,7 +54,9 @@ def add_commands(subparsers: Any) -> None:
     help_text = "render images with a base model and a LoRA (diffusers or kohya file)"
     p = subparsers.add_parser("generate", help=help_text, description=help_text)
     p.set_defaults(func=cmd_generate)
-    p.add_argument("--model", required=True, help="base model: Hub id, local folder or loraflow/tiny-*")
+    p.add_argument(
+        "--model", required=True, help="base model: Hub id, local folder or loraflow/tiny-*"
+    )
     p.add_argument("--lora", help="LoRA .safetensors file (path or URL); omit for the base model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")

@@ -18,11 +18,12 @@ from engine import storage
 from engine.checkpoint import read_manifest
 from engine.plan import TrainingPlan
 from engine.task import TaskDefinition
+from engine.task_validation import TaskValidationError, cross_field_problems
 from flows import artifacts
 from tasks.cache import build_cache
 from tasks.dataset import prepare_dataset
 from tasks.publish import publish
-from tasks.segment import backstop_timeout, train_segment
+from tasks.segment import backstop_timeout, dispatch_segment, train_segment
 from tasks.validation import validate_final
 
 
@@ -36,13 +37,44 @@ def start_step_of(task: TaskDefinition) -> int:
     return read_manifest(task.checkpoint).global_step if task.checkpoint else 0
 
 
-@flow(name="finetune", log_prints=True)
+def resolve_output_dir(output_dir: str) -> str:
+    """Fill ``{date}`` and ``{flow_run_name}`` so each scheduled run gets its own folder.
+
+    Both are fixed for a flow run (``{date}`` is its scheduled start, UTC), so a retry
+    of the run writes to the same folder and finds the segments it already committed.
+    """
+    if "{" not in output_dir:
+        return output_dir
+    scheduled = flow_run.scheduled_start_time
+    values = {
+        "{date}": scheduled.strftime("%Y-%m-%d") if scheduled else "",
+        "{flow_run_name}": flow_run.name or "",
+    }
+    for placeholder, value in values.items():
+        output_dir = output_dir.replace(placeholder, value)
+    return output_dir
+
+
+def check_task(task: TaskDefinition) -> None:
+    """Refuse what the schema cannot say (rules between fields) before any heavy work.
+
+    Prefect has already validated the parameter against the model (types, ranges,
+    unknown keys); a run started from the UI or the API gets the same checks as
+    ``loraflow validate``.
+    """
+    problems = cross_field_problems(task)
+    if problems:
+        raise TaskValidationError(problems, "task")
+
+
+@flow(name="finetune")
 def finetune(
     task: TaskDefinition,
     output_dir: str,
     cache_dir: str | None = None,
     data_dir: str | None = None,
     budget_seconds: float | None = None,
+    segment_deployment: str | None = None,
 ) -> dict:
     """Fine-tune a LoRA for ``task``; publish it under ``output_dir``/lora.
 
@@ -55,8 +87,14 @@ def finetune(
         data_dir: where prepared datasets are kept (default ``$LORAFLOW_HOME/datasets``).
         budget_seconds: wall-clock budget of each segment; default
             ``task.train_args.segment_budget_seconds`` (none: segments end by steps).
+        segment_deployment: run each segment as a flow run of this deployment of
+            ``finetune-segment`` (e.g. ``finetune-segment/gpu``), so segments land on
+            whichever worker is free; default: in this flow run's process. Needs
+            ``output_dir`` (and ideally ``cache_dir``) on storage every worker sees.
     """
     logger = get_run_logger()
+    check_task(task)
+    output_dir = resolve_output_dir(output_dir)
     dataset = prepare_dataset(task, data_dir)
     cache = build_cache(task, dataset, data_dir, cache_dir)
     logger.info(
@@ -74,14 +112,19 @@ def finetune(
     segments: list[dict] = []
     # every segment trains at least one step or raises, so this bound is never reached
     for index in range(plan.total_steps - step + 1):
-        run = train_segment.with_options(
-            task_run_name=segment_run_name(index, step, plan.segment_end(step)),
-            timeout_seconds=backstop_timeout(budget),
-        )
-        result = run(
-            task, index, output_dir, checkpoint, dataset,
-            data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget,
-        )
+        name = segment_run_name(index, step, plan.segment_end(step))
+        if segment_deployment:
+            result = dispatch_segment.with_options(task_run_name=name)(
+                segment_deployment, task, index, output_dir, checkpoint, dataset,
+                data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget, name=name,
+            )
+        else:
+            result = train_segment.with_options(
+                task_run_name=name, timeout_seconds=backstop_timeout(budget)
+            )(
+                task, index, output_dir, checkpoint, dataset,
+                data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget,
+            )
         segments.append(result)
         checkpoint, step = result["checkpoint"], result["global_step"]
         artifacts.show_progress(progress, step, plan.total_steps)
@@ -110,12 +153,12 @@ def finetune(
         "flow_run_name": flow_run.name,
         "segment_results": [_short(s) for s in segments],
     }
-    published = publish(
+    published = publish.with_options(task_run_name=f"publish step {step}")(
         task, checkpoint, output_dir, dataset, images,
         [s["metrics"] for s in segments if s.get("metrics")], run_summary, data_dir=data_dir,
     )
     artifacts.show_result(output_dir, summary, published, images)
-    print(f"LoRA published to {storage.redact(published['lora_dir'])}")
+    logger.info("LoRA published to %s", storage.redact(published["lora_dir"]))
     return {
         **summary,
         "lora": published,
@@ -129,3 +172,29 @@ def _short(segment: dict) -> dict:
     keys = ("index", "start_step", "global_step", "steps_done", "stopped_by", "seconds",
             "loss", "samples_per_second", "checkpoint", "metrics")
     return {k: segment.get(k) for k in keys}
+
+
+@flow(name="finetune-segment")
+def finetune_segment(
+    task: TaskDefinition,
+    index: int,
+    output_dir: str,
+    checkpoint: str | None,
+    dataset: dict,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    budget_seconds: float | None = None,
+    name: str = "segment",
+) -> dict:
+    """One segment as its own flow run, for ``finetune(segment_deployment=...)``.
+
+    Served by every GPU worker (``loraflow serve-segments`` or a work pool deployment);
+    whichever is free picks the next segment up. Its summary is also written to the
+    segment folder (``result.json``), which is how the orchestrating run reads it.
+    """
+    return train_segment.with_options(
+        task_run_name=name, timeout_seconds=backstop_timeout(budget_seconds)
+    )(
+        task, index, output_dir, checkpoint, dataset,
+        data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget_seconds,
+    )

@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 
 from prefect import task
+from prefect.runtime import flow_run, task_run
 
 from engine import storage
 from engine.segment import SegmentOptions, run_segment
@@ -32,6 +35,10 @@ from tasks.logging_bridge import engine_logs_to_prefect
 #: right after the given optimizer step, on its first attempt only.
 FAULT_ENV = "LORAFLOW_FAULT_FAIL_SEGMENT_ONCE"
 FAULT_MARKER = ".fault-injected"
+#: Written after the segment: its summary, for a caller that ran it elsewhere.
+RESULT_FILE = "result.json"
+#: Written when an attempt starts: which run, attempt and machine work on the segment.
+STARTED_FILE = "started.json"
 
 
 class InjectedFault(RuntimeError):
@@ -80,6 +87,19 @@ def fault_hook(index: int, out_dir: str) -> Callable[[int], None] | None:
     return after_step
 
 
+def record_attempt(out_dir: str) -> None:
+    """Write ``started.json``: for an operator asking "who is training this segment?"."""
+    record = {
+        "flow_run_id": flow_run.id,
+        "task_run_id": task_run.id,
+        "attempt": task_run.run_count,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_bytes(storage.join(out_dir, STARTED_FILE), json.dumps(record).encode())
+
+
 def metrics_summary(metrics_url: str | None) -> dict:
     """Mean loss and throughput of one segment, from its ``metrics.jsonl``."""
     if not metrics_url:
@@ -124,12 +144,69 @@ def train_segment(
         validate=False,
         after_step=fault_hook(index, out_dir),
     )
+    record_attempt(out_dir)
     with engine_logs_to_prefect():
         result = run_segment(task, out_dir, options)
-    return {
+    summary = {
         "index": index,
         "output_dir": out_dir,
         "dataset_hash": dataset["content_hash"],
         **asdict(result),
         **metrics_summary(result.metrics),
     }
+    storage.write_bytes(storage.join(out_dir, RESULT_FILE), json.dumps(summary).encode())
+    return summary
+
+
+def read_result(output_dir: str, index: int) -> dict:
+    """The summary segment ``index`` wrote, wherever it ran (the fsspec handoff)."""
+    return json.loads(storage.read_bytes(storage.join(segment_dir(output_dir, index), RESULT_FILE)))
+
+
+class SegmentRunFailed(RuntimeError):
+    """A segment dispatched to a deployment ended without completing."""
+
+
+@task(name="dispatch-segment", retries=2, retry_delay_seconds=10, cache_policy=RUN_SCOPED)
+def dispatch_segment(
+    deployment: str,
+    task: TaskDefinition,
+    index: int,
+    output_dir: str,
+    checkpoint: str | None,
+    dataset: dict,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    budget_seconds: float | None = None,
+    name: str | None = None,
+) -> dict:
+    """Run segment ``index`` as a flow run of ``deployment``: on whichever worker is free.
+
+    Only addresses go to the worker and come back (the summary is read from the
+    segment's ``result.json``), so the worker needs the same storage, nothing else. If
+    the worker crashes, this task's retry dispatches the segment again, to any worker;
+    it resumes from the same input checkpoint.
+    """
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        deployment,
+        parameters={
+            "task": task.model_dump(mode="json"),
+            "index": index,
+            "output_dir": output_dir,
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "data_dir": data_dir,
+            "cache_dir": cache_dir,
+            "budget_seconds": budget_seconds,
+            "name": name or f"segment-{index}",
+        },
+        timeout=None,  # waits for a free worker as long as it takes; the segment times itself
+    )
+    state = run.state
+    if state is None or not state.is_completed():
+        status = state.name if state else "without a state"
+        message = f": {state.message}" if state and state.message else ""
+        raise SegmentRunFailed(f"segment {index} (flow run {run.name}) ended {status}{message}")
+    return read_result(output_dir, index)

@@ -55,6 +55,8 @@ _CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "loraflow-test-secret-key",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+#: Outer settings that would break signing with the test keys: unset while the server runs.
+_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 _PROBE_KEY = ".loraflow-ready-probe"
 
 
@@ -182,9 +184,10 @@ class SeaweedS3:
             f"-filer.localSocket={self.root / 'filer.sock'}",
             f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.lance=0",
-            # Single master: after a restart the default 10 s election timeout delays
-            # leadership (and S3) by ~20 s; 1 s brings restarts down to ~2-3 s.
-            "-master.electionTimeout=1s",
+            # Single master: with the default 10 s election timeout a restart waits ~20 s for
+            # raft leadership (and S3); 300 ms / 100 ms brings restarts down to ~2.5-3 s.
+            "-master.electionTimeout=300ms",
+            "-master.heartbeatInterval=100ms",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
             "-volume.max=32",
@@ -194,8 +197,10 @@ class SeaweedS3:
         if self._saved_env is not None:
             return
         values = {**_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
-        self._saved_env = {key: os.environ.get(key) for key in values}
+        self._saved_env = {key: os.environ.get(key) for key in [*values, *_UNSET]}
         os.environ.update(values)
+        for key in _UNSET:
+            os.environ.pop(key, None)
         _clear_s3fs_instances()
 
     def _restore_env(self) -> None:

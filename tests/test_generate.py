@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from engine.generate import LoraFileRefused, generate_images, inspect_lora
 from engine.lora_formats import diffusers_to_kohya
@@ -21,12 +23,26 @@ from tests.test_lora_formats import ALPHA, RANK, make_lora
 PROMPT = "a red circle"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    waiting on each other make a UNet call 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def lora_files(tiny_sd1: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The sd1 LoRA (UNet and text encoder) as a diffusers file and a kohya file."""
     made = make_lora(tiny_sd1, "sd1", text_encoders=True)
     folder = tmp_path_factory.mktemp("loras")
-    meta = {"modelspec.prediction_type": "epsilon", "loraflow_task": json.dumps({"seed": 1})}
+    meta = {
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.prediction_type": "epsilon",
+        "loraflow_task": json.dumps({"seed": 1}),
+    }
     paths = {"diffusers": folder / "pytorch_lora_weights.safetensors",
              "kohya": folder / "my_shapes.safetensors"}
     paths["diffusers"].write_bytes(made.diffusers_bytes)
@@ -121,10 +137,12 @@ def test_inspect_reports_format_rank_alpha_and_targets(fmt: str, lora_files: dic
     assert report["modules"] == 40
 
 
-def test_inspect_guesses_sdxl_and_abbreviates_metadata(
+def test_inspect_guesses_the_family_and_abbreviates_metadata(
     sdxl_lora_file: str, lora_files: dict[str, str]
 ):
-    assert inspect_lora(sdxl_lora_file)["family"] == "sdxl"
+    assert inspect_lora(sdxl_lora_file)["family"] == "sdxl"  # by its second text encoder
+    assert inspect_lora(lora_files["kohya"])["family"] == "sd1"  # by modelspec.architecture
+    assert inspect_lora(lora_files["diffusers"])["family"] == "unknown"  # tiny widths, no header
     meta = inspect_lora(lora_files["diffusers"])["metadata"]
     assert meta["lora_adapter_metadata"] == (
         "text_encoder.lora_alpha=2.0, text_encoder.r=4, unet.lora_alpha=2.0, unet.r=4"
@@ -155,3 +173,18 @@ def test_pickle_lora_files_are_refused_unopened(tmp_path: Path, tiny_sd1: str):
     disguised.write_bytes(pickle_file.read_bytes())
     with pytest.raises(LoraFileRefused, match="pickle"):
         inspect_lora(str(disguised))
+
+
+def test_a_safetensors_file_that_starts_like_a_pickle_is_still_read(
+    lora_files: dict[str, str], tmp_path: Path
+):
+    """A header length whose low byte is 0x80 looks like pickle's first byte."""
+    tensors = load_file(lora_files["kohya"])
+    for length in range(300):
+        data = write_lora_file(tensors, {"pad": "x" * length})
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    path = tmp_path / "looks_like_pickle.safetensors"
+    path.write_bytes(data)
+    assert inspect_lora(str(path))["ranks"] == [RANK]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.schema import SCHEMA_PATH, render_schema
+from engine.schema import MARKDOWN_PATH, SCHEMA_PATH, render_markdown, render_schema
 from engine.task import CURRENT_VERSION, KNOWN_VERSIONS
 from engine.task_migration import MIGRATIONS, UnknownVersionError, migrate
 from engine.task_validation import TaskValidationError, load_task, parse_task, validate_document
@@ -34,6 +34,10 @@ def problems_of(doc: object) -> list[str]:
 
 def test_committed_schema_is_what_the_model_generates() -> None:
     assert SCHEMA_PATH.read_text() == render_schema(), "run: python -m engine.schema"
+
+
+def test_committed_field_reference_is_what_the_model_generates() -> None:
+    assert MARKDOWN_PATH.read_text() == render_markdown(), "run: python -m engine.schema"
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
