@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 
 from engine.errors import LoraflowError
-from engine.safetensors_io import canonical
+from engine.safetensors_io import dump, read_metadata
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -28,9 +28,26 @@ class LoraFileError(LoraflowError):
     """A LoRA file does not fit the adapter it should restore."""
 
 
+_CLIP_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
+
+
 def _param_key(name: str, prefix: str) -> str:
     """Parameter name in the adapted module -> key in the diffusers file."""
-    return f"{prefix}.{name.replace('.default.', '.')}"
+    return standard_key(f"{prefix}.{name.replace('.default.', '.')}")
+
+
+def standard_key(key: str) -> str:
+    """Text-encoder keys in the form every diffusers version reads.
+
+    transformers 5 names CLIP modules without the ``text_model.`` level, so diffusers
+    writes ``text_encoder.encoder.layers...``; files in the wild (and diffusers with
+    transformers 4) use ``text_encoder.text_model.encoder.layers...``. diffusers 0.42
+    reads both, older versions only the second: so the file gets the second.
+    """
+    prefix, _, rest = key.partition(".")
+    if prefix.startswith("text_encoder") and rest.startswith(_CLIP_TOP):
+        return f"{prefix}.text_model.{rest}"
+    return key
 
 
 def lora_file_bytes(
@@ -50,7 +67,9 @@ def lora_file_bytes(
         # peft looks for a tokenizer config to see if the vocabulary changed; we never change it
         warnings.filterwarnings("ignore", message="Could not find a config file")
         pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
-        return canonical((Path(tmp) / LORA_FILE).read_bytes())
+        written = (Path(tmp) / LORA_FILE).read_bytes()
+    tensors = {standard_key(k): v for k, v in load_tensors(written).items()}
+    return dump(tensors, read_metadata(written))
 
 
 def restore_lora(data: bytes, modules: dict[str, Any]) -> None:

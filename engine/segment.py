@@ -20,7 +20,7 @@ import torch
 
 from engine import storage
 from engine.cache import ensure_cache
-from engine.checkpoint import CheckpointError, commit_checkpoint, read_checkpoint
+from engine.checkpoint import CheckpointError, commit_checkpoint, list_committed, read_checkpoint
 from engine.clock import SegmentClock
 from engine.errors import BudgetTooShortError, LoraflowError
 from engine.family import unet_extra_inputs
@@ -115,8 +115,13 @@ class Trainer:
 
 def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> Trainer:
     adapted = add_lora_adapters(base, task)
-    base.unet.to(base.device)
     ta = task.train_args
+    base.unet.to(base.device)
+    if ta.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    if ta.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()  # diffusers checkpoints only in training mode
     scale = ta.gradient_accumulation_steps * ta.batch_size if ta.scale_lr else 1  # one process
     groups, params = [], {}
     for prefix, module in adapted.items():
@@ -179,9 +184,9 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[Any]], source: SampleSo
 
 
 def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentOptions,
-          metrics: MetricsLog, state_bytes: int) -> str:
+          metrics: MetricsLog, saver: CheckpointSaver, end: int) -> str:
     """Train until a stop; returns why it stopped. The whole loop, top to bottom."""
-    start, end = tr.global_step, tr.plan.segment_end(tr.global_step)
+    start = tr.global_step
     batches = micro_batch_stream(source, tr.plan, start, end, tr.task.dataloader_num_workers)
     bar = progress_bar(opts.progress, start, end)
     log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
@@ -190,7 +195,7 @@ def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentO
             return "finished" if end >= tr.plan.total_steps else "steps"
         if opts.should_stop():
             return "signal"
-        if not clock.fits_another_step(state_bytes):
+        if not clock.fits_another_step(saver.state_bytes):
             return "budget"
         t0 = time.monotonic()
         step_metrics = train_step(tr, batches, source)
@@ -205,6 +210,8 @@ def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentO
         })
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+        if saver.due(tr.global_step, end):
+            saver.save_intermediate(tr)
         if opts.after_step is not None:
             opts.after_step(tr.global_step)
 
@@ -272,6 +279,80 @@ def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, byte
     }
 
 
+INTERMEDIATE_DIR = "checkpoints"
+
+
+@dataclass
+class CheckpointSaver:
+    """Commits this segment's checkpoints: in-segment ones every N steps, and the last.
+
+    In-segment checkpoints go to ``output_dir/checkpoints/step-NNNNNNNN`` (the newest
+    ``checkpoints_total_limit`` are kept, older ones deleted only after a newer commit);
+    the segment's result goes to ``output_dir/checkpoint`` as Crynux nodes expect.
+    """
+
+    output_dir: str
+    identity: dict[str, Any]
+    segment_start: int
+    clock: SegmentClock
+    every: int | None
+    keep: int | None
+    previous: dict[str, Any]
+    state_bytes: int = 0
+
+    def due(self, step: int, end: int) -> bool:
+        return bool(self.every) and step < end and (step - self.segment_start) % self.every == 0
+
+    def commit(self, tr: Trainer, url: str) -> str:
+        t0 = time.monotonic()
+        steps = self.clock.step_seconds
+        files = checkpoint_files(tr, {
+            "identity": self.identity,
+            "task_fingerprint": fingerprint(self.identity),
+            "started_from_step": self.segment_start,
+            "seconds_per_step": max(steps[-20:]) if steps else self.previous.get("seconds_per_step"),
+            "validation_seconds": self.previous.get("validation_seconds", 0.0),
+        })
+        commit_checkpoint(url, files, meta={
+            "global_step": tr.global_step, "task_fingerprint": fingerprint(self.identity),
+            "finished": tr.global_step >= tr.plan.total_steps,
+        })
+        self.clock.save_seconds = time.monotonic() - t0
+        log.info("committed %s at step %d (%.2f s)", url, tr.global_step, self.clock.save_seconds)
+        return url
+
+    def save_intermediate(self, tr: Trainer) -> None:
+        root = storage.join(self.output_dir, INTERMEDIATE_DIR)
+        self.commit(tr, storage.join(root, f"step-{tr.global_step:08d}"))
+        if self.keep:
+            for old in list_committed(root)[: -self.keep]:
+                storage.remove_tree(old)
+
+    def save_final(self, tr: Trainer) -> str:
+        return self.commit(tr, storage.join(self.output_dir, "checkpoint"))
+
+
+def _matching(url: str, identity: dict[str, Any]) -> Any | None:
+    """The verified checkpoint at ``url`` if it belongs to this training, else None."""
+    try:
+        loaded = read_checkpoint(url)
+    except CheckpointError as exc:
+        log.warning("skipping checkpoint %s: %s", url, exc)
+        return None
+    state = json.loads(loaded.files[STATE_FILE])
+    return loaded if state.get("task_fingerprint") == fingerprint(identity) else None
+
+
+def newest_intermediate(output_dir: str, identity: dict[str, Any], segment_start: int) -> Any | None:
+    """This segment's own newest in-segment checkpoint, left by an attempt that was killed."""
+    root = storage.join(output_dir, INTERMEDIATE_DIR)
+    for url in reversed(list_committed(root)):
+        loaded = _matching(url, identity)
+        if loaded and json.loads(loaded.files[STATE_FILE]).get("started_from_step") == segment_start:
+            return loaded
+    return None
+
+
 def _pipeline_class(base: BaseModel) -> Any:
     import diffusers
 
@@ -287,6 +368,15 @@ def restore(tr: Trainer, loaded: Any) -> dict[str, Any]:
         tr.scaler.load_state_dict(state["grad_scaler"])
     tr.global_step = int(state["global_step"])
     return state
+
+
+def _fallback_for(url: str, identity: dict[str, Any]) -> Any | None:
+    parent = url.rstrip("/").rsplit("/", 1)[0]
+    for candidate in reversed(list_committed(storage.join(parent, INTERMEDIATE_DIR))):
+        loaded = _matching(candidate, identity)
+        if loaded is not None:
+            return loaded
+    return None
 
 
 def already_committed(output_dir: str, identity: dict[str, Any], start_step: int,
@@ -318,8 +408,21 @@ def already_committed(output_dir: str, identity: dict[str, Any], start_step: int
 
 
 def load_resume_point(url: str, identity: dict[str, Any]) -> Any:
-    """Read and verify the previous checkpoint; refuse one from a different task."""
-    loaded = read_checkpoint(url)
+    """Read and verify the previous checkpoint; refuse one from a different task.
+
+    A damaged checkpoint (missing or edited manifest, flipped byte, truncated file) is
+    replaced by the newest good in-segment checkpoint kept beside it, if any: training
+    then redoes the lost steps and, being deterministic, reaches the same result.
+    """
+    try:
+        loaded = read_checkpoint(url)
+    except CheckpointError as exc:
+        fallback = _fallback_for(url, identity)
+        if fallback is None:
+            raise CheckpointError(f"{exc}; no earlier committed checkpoint is kept beside it "
+                                  f"to fall back to") from None
+        log.warning("%s; falling back to %s (step %d)", exc, fallback.url, fallback.global_step)
+        return fallback
     state = json.loads(loaded.files[STATE_FILE])
     differences = identity_differences(state.get("identity", {}), identity)
     if differences:
@@ -351,8 +454,9 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     device = training_device()
     base = load_base_model(task, device)
     trainer = build_trainer(task, base, plan)
+    loaded = newest_intermediate(output_dir, identity, start_step) or loaded
     previous: dict[str, Any] = restore(trainer, loaded) if loaded else {}
-    start = trainer.global_step
+    start, end = trainer.global_step, plan.segment_end(start_step)
     clock.known_step_seconds = previous.get("seconds_per_step")
     clock.after_save_seconds = previous.get("validation_seconds", 0.0) if opts.validate else 0.0
 
@@ -364,31 +468,19 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
         cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base), progress=None)
     source = SampleSource(task, dataset, base, cache)
     metrics = MetricsLog()
-    state_bytes = sum(p.numel() * 4 * 3 for p in trainer.params.values())
-    stopped_by = "finished" if start >= plan.total_steps else train(trainer, source, clock, opts, metrics, state_bytes)
+    ta = task.train_args
+    saver = CheckpointSaver(output_dir, identity, start_step, clock, ta.checkpointing_steps,
+                            ta.checkpoints_total_limit, previous,
+                            state_bytes=sum(p.numel() * 4 * 3 for p in trainer.params.values()))
+    stopped_by = "finished" if start >= plan.total_steps else train(trainer, source, clock, opts, metrics, saver, end)
     if trainer.global_step == start and stopped_by == "budget":
         raise BudgetTooShortError(
             f"the time budget of {budget:.1f} s leaves no room for one step and a checkpoint "
             f"save ({clock.elapsed():.1f} s went to start-up); nothing was written. Give the "
             "segment a longer budget."
         )
-
     finished = trainer.global_step >= plan.total_steps
-    step_times = clock.step_seconds
-    t_save = time.monotonic()
-    files = checkpoint_files(trainer, {
-        "identity": identity,
-        "task_fingerprint": fingerprint(identity),
-        "started_from_step": start,
-        "seconds_per_step": max(step_times[-20:]) if step_times else previous.get("seconds_per_step"),
-        "validation_seconds": previous.get("validation_seconds", 0.0),
-    })
-    checkpoint_url = storage.join(output_dir, "checkpoint")
-    commit_checkpoint(checkpoint_url, files, meta={
-        "global_step": trainer.global_step, "task_fingerprint": fingerprint(identity), "finished": finished,
-    })
-    clock.save_seconds = time.monotonic() - t_save
-    log.info("committed %s at step %d (%.2f s)", checkpoint_url, trainer.global_step, clock.save_seconds)
+    checkpoint_url = saver.save_final(trainer)
 
     images: list[str] = []
     if opts.validate:
@@ -396,7 +488,7 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     metrics_url = metrics.publish(output_dir) if metrics.records else None
     metrics.close()
     return SegmentResult(
-        steps_done=trainer.global_step - start, start_step=start, global_step=trainer.global_step,
+        steps_done=trainer.global_step - start_step, start_step=start_step, global_step=trainer.global_step,
         total_steps=plan.total_steps, finished=finished, stopped_by=stopped_by,
         seconds=round(clock.elapsed(), 3), checkpoint=checkpoint_url, validation=images,
         metrics=metrics_url, cache=cache.address if cache else None,

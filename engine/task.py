@@ -145,6 +145,29 @@ class TrainArgs(_Strict):
         "embeddings when the transforms allow it (not with random crop: then only the "
         "text embeddings are cached); 'off' encodes every step. Same result either way.",
     )
+    checkpointing_steps: int | None = Field(
+        None,
+        ge=1,
+        description="loraflow: also commit a checkpoint every this many optimizer steps inside "
+        "a segment (under output_dir/checkpoints/), so a killed segment loses at most this "
+        "many steps when it is run again. null: only at the end of the segment.",
+    )
+    checkpoints_total_limit: int | None = Field(
+        None,
+        ge=1,
+        description="loraflow: keep only the newest this many in-segment checkpoints; older "
+        "ones are deleted only after a newer one is committed. null: keep all.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="loraflow: recompute UNet activations in the backward pass: much less "
+        "memory, about 20-30% slower. Same result.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="loraflow: run the UNet in channels-last memory format (faster convolutions "
+        "on recent GPUs). Results may differ from channels-first in the last bits.",
+    )
 
 
 #: The CLIP text-encoder projections adapted when ``lora.text_encoder.target_modules`` is null.

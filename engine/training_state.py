@@ -34,7 +34,8 @@ def training_identity(task: TaskDefinition, dataset_hash: str) -> dict[str, Any]
     segments without changing the result.
     """
     ta = task.train_args.model_dump(
-        exclude={"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache"}
+        exclude={"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
+                 "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
     )
     return {
         "model": task.model.model_dump(),
