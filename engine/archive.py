@@ -43,6 +43,8 @@ from typing import BinaryIO
 import fsspec
 from tqdm import tqdm
 
+from engine.errors import LoraflowError
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -69,7 +71,7 @@ _SECRET_QUERY_KEY = re.compile(
 )
 
 
-class ArchiveError(ValueError):
+class ArchiveError(LoraflowError, ValueError):
     """An archive (or a member of it) that is refused or cannot be read."""
 
 

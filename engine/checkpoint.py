@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import storage
+from engine.errors import LoraflowError
 
 __all__ = [
     "FINISH_NAME",
@@ -55,7 +56,7 @@ _REQUIRED_META: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoraflowError, ValueError):
     """A checkpoint is missing, uncommitted, corrupt, or belongs to another task.
 
     The message says what is wrong and at which URL, so callers can log it as-is.

@@ -59,6 +59,7 @@ import fsspec
 from PIL import Image, ImageOps
 
 from engine import archive
+from engine.errors import LoraflowError
 from engine.task import DatasetArgs
 from engine.transforms import to_rgb
 
@@ -101,7 +102,7 @@ _TABULAR_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
 _IMAGEFOLDER_METADATA = frozenset({"metadata.jsonl", "metadata.csv", "metadata.parquet"})
 
 
-class DatasetError(ValueError):
+class DatasetError(LoraflowError, ValueError):
     """A dataset that cannot be prepared or read, with a message saying what to fix."""
 
 

@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
+from engine.errors import ExitCode, LoraflowError
+
 __all__ = [
     "DEFAULT_RETRY",
     "RetryPolicy",
@@ -97,13 +99,15 @@ _FATAL_ERRNOS: dict[int, str] = {
 }
 
 
-class StorageError(OSError):
+class StorageError(LoraflowError, OSError):
     """Storage could not be reached or used for ``url``, after retries where they make sense.
 
     An ``OSError`` so that generic I/O handlers still catch it; ``errno`` is kept from the
     underlying error (e.g. ``ENOSPC``) where there was one. The message never contains
     credentials.
     """
+
+    exit_code = ExitCode.STORAGE
 
     def __init__(
         self, message: str, *, url: str = "", attempts: int = 1, cause_errno: int | None = None

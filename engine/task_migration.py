@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from engine.errors import LoraflowError
 from engine.task import CURRENT_VERSION, KNOWN_VERSIONS
 
 DEFAULT_DOCUMENT_VERSION = "2.5.0"
@@ -35,7 +36,7 @@ MIGRATIONS: dict[str, Callable[[Document], Document]] = {
 }
 
 
-class UnknownVersionError(ValueError):
+class UnknownVersionError(LoraflowError, ValueError):
     """The document names a version this build does not know."""
 
 

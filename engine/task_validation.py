@@ -21,6 +21,7 @@ from typing import Any
 import jsonschema
 from pydantic import ValidationError
 
+from engine.errors import LoraflowError
 from engine.task import TaskDefinition
 from engine.task_migration import UnknownVersionError, migrate
 
@@ -38,7 +39,7 @@ class Problem:
         return f"{self.pointer or '(document)'}: {self.message}"
 
 
-class TaskValidationError(ValueError):
+class TaskValidationError(LoraflowError, ValueError):
     """A task document was refused; ``problems`` lists every reason."""
 
     def __init__(self, problems: list[Problem], source: str = "task") -> None:

@@ -162,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import ExitCode, LoraflowError
-    from engine.task_validation import TaskValidationError
+    from engine.errors import LoraflowError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -179,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     try:
         return args.func(args)
-    except TaskValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
     except LoraflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

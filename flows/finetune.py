@@ -7,9 +7,12 @@ A segment that fails is retried by Prefect from the same input checkpoint; a flo
 that is retried skips every step that completed (run-scoped cache keys, see
 ``tasks/__init__.py``), and a new run into the same output folder finds the committed
 segments and trains only what is missing.
+
+No ``from __future__ import annotations`` here: Prefect builds the parameter model of a
+flow from its annotations, and a worker that loads the flow from its entrypoint cannot
+resolve string annotations such as ``"TaskDefinition"`` (the run fails validation).
 """
 
-from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
