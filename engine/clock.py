@@ -20,7 +20,9 @@ class SegmentClock:
     step_seconds: list[float] = field(default_factory=list)
     save_seconds: float | None = None  # measured on the first save of this segment
     known_step_seconds: float | None = None  # from the previous segment's checkpoint
-    after_save_seconds: float = 0.0  # estimated validation time after the final save
+    after_save_seconds: float | None = 0.0  # validation after the final save; None: estimate
+    unet_passes_after_save: int = 0  # UNet forwards (batch 1) that validation will make
+    samples_per_step: int = 1
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_at
@@ -42,8 +44,20 @@ class SegmentClock:
     def fits_another_step(self, state_bytes: int) -> bool:
         if self.budget_seconds is None:
             return True
-        need = self.step_estimate() + self.save_estimate(state_bytes) + self.after_save_seconds
+        need = self.step_estimate() + self.save_estimate(state_bytes) + self.after_save_estimate()
         return need * self.safety < self.remaining()
+
+    def after_save_estimate(self) -> float:
+        """Validation time: measured by the previous segment, or from the step time.
+
+        A training step is about three forward passes per sample (forward + backward), so
+        one batch-1 forward costs about step / (3 * samples); doubled because batch-1
+        passes use the hardware less well.
+        """
+        if self.after_save_seconds is not None:
+            return self.after_save_seconds
+        per_pass = 2 * self.step_estimate() / (3 * max(self.samples_per_step, 1))
+        return self.unet_passes_after_save * per_pass
 
     def fits_save(self, state_bytes: int) -> bool:
         if self.budget_seconds is None:

@@ -311,7 +311,6 @@ class CheckpointSaver:
             "task_fingerprint": fingerprint(self.identity),
             "started_from_step": self.segment_start,
             "seconds_per_step": max(steps[-20:]) if steps else self.previous.get("seconds_per_step"),
-            "validation_seconds": self.previous.get("validation_seconds", 0.0),
         })
         commit_checkpoint(url, files, meta={
             "global_step": tr.global_step, "task_fingerprint": fingerprint(self.identity),
@@ -458,7 +457,7 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     previous: dict[str, Any] = restore(trainer, loaded) if loaded else {}
     start, end = trainer.global_step, plan.segment_end(start_step)
     clock.known_step_seconds = previous.get("seconds_per_step")
-    clock.after_save_seconds = previous.get("validation_seconds", 0.0) if opts.validate else 0.0
+    plan_validation(clock, task, opts.validate, checkpoint_in)
 
     cache = None
     if task.lora.text_encoder is not None:
@@ -495,6 +494,26 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
     )
 
 
+def plan_validation(clock: SegmentClock, task: TaskDefinition, validate: bool,
+                    checkpoint_in: str | None) -> None:
+    """Tell the clock what follows the final save: the previous segment's measured
+    validation time (its validation/prompts.json), else an estimate from the step time."""
+    if not validate:
+        clock.after_save_seconds = 0.0
+        return
+    clock.after_save_seconds = None
+    clock.samples_per_step = task.train_args.batch_size * task.train_args.gradient_accumulation_steps
+    cfg = 2 if task.validation.guidance_scale > 1 else 1
+    clock.unet_passes_after_save = task.validation.num_images * task.validation.num_inference_steps * cfg
+    if checkpoint_in:
+        parent = checkpoint_in.rstrip("/").rsplit("/", 1)[0]
+        try:
+            summary = json.loads(storage.read_bytes(storage.join(parent, "validation", "prompts.json")))
+            clock.after_save_seconds = float(summary["seconds"])
+        except (FileNotFoundError, KeyError, ValueError, LoraflowError):
+            pass
+
+
 def run_validation(task: TaskDefinition, base: BaseModel, dataset: Any, tr: Trainer,
                    output_dir: str) -> list[str]:
     from engine.validation import scheduler_for_inference
@@ -512,9 +531,11 @@ def run_validation(task: TaskDefinition, base: BaseModel, dataset: Any, tr: Trai
                        "requires_safety_checker": False}
     pipe = pipeline_cls(**components)
     pipe.set_progress_bar_config(disable=True)
+    t0 = time.monotonic()
     prompts = validation_prompts(task, dataset)
     images = render_validation(pipe, task, prompts, base.device, base.dtype)
-    return write_validation(output_dir, task, prompts, images, tr.global_step)
+    return write_validation(output_dir, task, prompts, images, tr.global_step,
+                            seconds=time.monotonic() - t0)
 
 
 __all__ = ["LoraflowError", "SegmentOptions", "SegmentResult", "run_segment"]

@@ -79,7 +79,7 @@ def render_validation(pipe: Any, task: TaskDefinition, prompts: list[str], devic
 
 def write_validation(
     output_dir: str, task: TaskDefinition, prompts: list[str], images: list[Image.Image],
-    global_step: int,
+    global_step: int, seconds: float | None = None,
 ) -> list[str]:
     """validation/NN.png (+ prompts.json) under output_dir; returns the PNG URLs."""
     urls = []
@@ -91,7 +91,8 @@ def write_validation(
         url = storage.join(output_dir, "validation", f"{i:02d}.png")
         storage.write_bytes(url, png_bytes(image, params))
         urls.append(url)
-    summary = {"global_step": global_step, "prompts": prompts, "images": [u.rsplit("/", 1)[-1] for u in urls]}
+    summary = {"global_step": global_step, "prompts": prompts,
+               "images": [u.rsplit("/", 1)[-1] for u in urls], "seconds": seconds}
     storage.write_bytes(storage.join(output_dir, "validation", "prompts.json"), json.dumps(summary, indent=2).encode())
     return urls
 

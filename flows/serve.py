@@ -97,5 +97,8 @@ def serve_segments_command(args: argparse.Namespace) -> int:
         description="One training segment; any free GPU worker takes the next one",
         limit=args.limit,
         entrypoint_type=EntrypointType.MODULE_PATH,
+        # several machines serve this one deployment: one of them stopping must not
+        # pause it for the others (Prefect pauses a served deployment on shutdown)
+        pause_on_shutdown=False,
     )
     return 0

@@ -203,6 +203,7 @@ def dispatch_segment(
             "name": name or f"segment-{index}",
         },
         timeout=None,  # waits for a free worker as long as it takes; the segment times itself
+        poll_interval=3,
     )
     state = run.state
     if state is None or not state.is_completed():

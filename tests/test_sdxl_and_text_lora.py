@@ -104,3 +104,13 @@ def test_unsupported_families_are_named_in_a_clear_error(tmp_path: Path, pipelin
 def test_family_is_read_from_the_model_not_its_name(tiny_sd1: str, tiny_sd2: str, tiny_sdxl: str) -> None:
     names = [inspect_model(ModelArgs(name=p))[1].name for p in (tiny_sd1, tiny_sd2, tiny_sdxl)]
     assert names == ["sd1", "sd2", "sdxl"]
+
+
+def test_tiny_sdxl_example_runs_to_finish(tmp_path: Path) -> None:
+    from engine.task_validation import load_task
+
+    root = Path(__file__).resolve().parents[1]
+    task = load_task(str(root / "examples" / "tiny-sdxl.json"))
+    results = run_chain(task, tmp_path, validate=False)
+    assert [r.global_step for r in results] == [10, 20, 30]
+    assert (Path(results[-1].checkpoint) / "FINISH").exists()
