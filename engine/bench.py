@@ -243,16 +243,22 @@ def base_from_pipeline(pipe: Any, device: torch.device, dtype: torch.dtype,
 
     index = {"_class_name": type(pipe).__name__}
     family = detect_family(index, dict(pipe.unet.config), dict(pipe.scheduler.config))
-    unet = pipe.unet.to(dtype).requires_grad_(False)
+    unet = _placed(pipe.unet, torch.device("cpu"), dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     base = BaseModel(location, family, device, dtype, unet, noise_scheduler)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-    base.vae = pipe.vae.to(device, vae_dtype).eval().requires_grad_(False)
+    base.vae = _placed(pipe.vae, device, torch.float32 if dtype == torch.float16 else dtype)
     for tok_dir, enc_dir in family.text_encoders:
         base.tokenizers.append(getattr(pipe, tok_dir))
-        encoder = getattr(pipe, enc_dir).to(device, dtype).eval().requires_grad_(False)
-        base.text_encoders.append(encoder)
+        base.text_encoders.append(_placed(getattr(pipe, enc_dir), device, dtype))
     return base
+
+
+def _placed(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Frozen, in eval mode, on ``device``; cast only when the dtype differs (diffusers
+    warns on every ``.to(dtype)``)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module.to(device).eval().requires_grad_(False)
 
 
 def parameter_count(module: Any) -> int:
@@ -420,9 +426,13 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[str | None,
     """(table row, dense peak FLOP/s) of a CUDA device in this precision, or (None, None)."""
     if device.type != "cuda":
         return None, None
-    name = torch.cuda.get_device_name(device)
-    key = "bf16" if precision in ("bf16", "fp16") else (
-        "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32")
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    return peak_for_name(torch.cuda.get_device_name(device), precision, tf32=tf32)
+
+
+def peak_for_name(name: str, precision: str, *, tf32: bool = False) -> tuple[str | None, float | None]:
+    """Look a device name up in :data:`PEAK_FLOPS`: (matched row, FLOP/s) or (None, None)."""
+    key = "bf16" if precision in ("bf16", "fp16") else ("tf32" if tf32 else "fp32")
     for pattern, peaks in PEAK_FLOPS:
         if pattern in name:
             return pattern, peaks[key]
@@ -732,7 +742,7 @@ def describe_model(settings: BenchSettings, base: BaseModel) -> dict[str, Any]:
         "vae_parameters": parameter_count(base.vae),
         "text_encoder_parameters": [parameter_count(e) for e in base.text_encoders],
         "attention_processors": attention_processors(base.unet),
-        "sdpa_backends_enabled": sdpa_backends(),
+        "sdpa_backends_enabled": sdpa_backends() if base.device.type == "cuda" else None,
         "dtype": str(base.dtype).replace("torch.", ""),
     }
 
@@ -752,17 +762,20 @@ def lora_parameter_count(base: BaseModel, settings: BenchSettings, dataset: Any)
 
 def run_benchmark(settings: BenchSettings, workdir: str | Path | None = None) -> BenchReport:
     """Measure everything ``settings`` asks for; returns the report (nothing printed)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     dtype = weight_dtype(settings.precision, device)
-    report = BenchReport(settings=asdict(settings), machine=machine_info(device))
-    report.machine["load_average_start"] = load_average()
+    threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
+        if settings.threads:  # restored afterwards: the caller may be a test process
+            torch.set_num_threads(settings.threads)
+            stack.callback(torch.set_num_threads, threads)
+        report = BenchReport(settings=asdict(settings), machine=machine_info(device))
+        report.machine["load_average_start"] = load_average()
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="loraflow-bench-"))
         _run_all(settings, device, dtype, Path(workdir), report)
-    report.machine["load_average_end"] = load_average()
+        report.machine["load_average_end"] = load_average()
+    report.checkpoint_save.pop("url", None)  # a temporary folder, gone by now
     report.notes += standing_notes(device)
     return report
 

@@ -39,6 +39,7 @@ __all__ = [
     "list_committed",
     "read_checkpoint",
     "read_manifest",
+    "remove_checkpoint",
     "write_finish_marker",
 ]
 
@@ -286,6 +287,18 @@ def write_finish_marker(url: str) -> None:
             f"{manifest.global_step}); refusing to write {FINISH_NAME}"
         )
     storage.write_bytes(storage.join(url, FINISH_NAME), b"")
+
+
+def remove_checkpoint(url: str) -> None:
+    """Delete the checkpoint at ``url``: uncommit it first, then delete its files.
+
+    A plain recursive delete removes files in directory order, so a process killed midway
+    could leave a manifest over missing data files (listed by :func:`list_committed`,
+    refused by :func:`read_checkpoint`). Deleting FINISH and the manifest first means a
+    half-deleted checkpoint is simply an uncommitted directory.
+    """
+    _uncommit(url)
+    storage.remove_tree(url)
 
 
 def is_finished(url: str) -> bool:

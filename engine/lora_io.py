@@ -58,11 +58,11 @@ def lora_file_bytes(
 
     kwargs: dict[str, Any] = {
         "unet_lora_layers": get_peft_model_state_dict(unet),
-        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+        "unet_lora_adapter_metadata": _stable_config(unet),
     }
     for prefix, encoder in (text_encoders or {}).items():
         kwargs[f"{prefix}_lora_layers"] = get_peft_model_state_dict(encoder)
-        kwargs[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+        kwargs[f"{prefix}_lora_adapter_metadata"] = _stable_config(encoder)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # peft looks for a tokenizer config to see if the vocabulary changed; we never change it
         warnings.filterwarnings("ignore", message="Could not find a config file")
@@ -70,6 +70,16 @@ def lora_file_bytes(
         written = (Path(tmp) / LORA_FILE).read_bytes()
     tensors = {standard_key(k): v for k, v in load_tensors(written).items()}
     return dump(tensors, read_metadata(written))
+
+
+def _stable_config(module: Any) -> dict[str, Any]:
+    """The adapter config with sets as sorted lists.
+
+    peft keeps target_modules as a set, whose order depends on the process's string hash
+    seed; written as is, two processes would write different bytes for the same LoRA.
+    """
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def restore_lora(data: bytes, modules: dict[str, Any]) -> None:

@@ -13,14 +13,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from engine import storage
 from engine.cache import ensure_cache
-from engine.checkpoint import CheckpointError, commit_checkpoint, list_committed, read_checkpoint
+from engine.checkpoint import (
+    CheckpointError,
+    commit_checkpoint,
+    list_committed,
+    read_checkpoint,
+    remove_checkpoint,
+)
 from engine.clock import SegmentClock
 from engine.errors import BudgetTooShortError, LoraflowError
 from engine.family import unet_extra_inputs
@@ -70,6 +76,8 @@ class SegmentResult:
     validation: list[str]
     metrics: str | None
     cache: str | None = None
+    skipped_images: list[dict] = field(default_factory=list)  # dataset files not used, why
+
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -325,7 +333,7 @@ class CheckpointSaver:
         self.commit(tr, storage.join(root, f"step-{tr.global_step:08d}"))
         if self.keep:
             for old in list_committed(root)[: -self.keep]:
-                storage.remove_tree(old)
+                remove_checkpoint(old)  # uncommit first: a kill mid-delete leaves no torn one
 
     def save_final(self, tr: Trainer) -> str:
         return self.commit(tr, storage.join(self.output_dir, "checkpoint"))
@@ -491,6 +499,7 @@ def run_segment(task: TaskDefinition, output_dir: str, opts: SegmentOptions | No
         total_steps=plan.total_steps, finished=finished, stopped_by=stopped_by,
         seconds=round(clock.elapsed(), 3), checkpoint=checkpoint_url, validation=images,
         metrics=metrics_url, cache=cache.address if cache else None,
+        skipped_images=list(dataset.manifest.get("skipped", [])),
     )
 
 

@@ -209,10 +209,14 @@ def _schema_message(error: jsonschema.ValidationError) -> list[Problem]:
             text = "unknown field" + (f"; did you mean {hint[0]}?" if hint else "")
             if not hint:
                 text += f" (known: {', '.join(known)})"
-            problems.append(Problem(f"{where}/{key}", text))
+            problems.append(Problem(_pointer([*error.absolute_path, key]), text))
         return problems
     if rule == "required":
-        return [Problem(f"{where}/{k}", "required field is missing") for k in limit if k not in value]
+        return [
+            Problem(_pointer([*error.absolute_path, k]), "required field is missing")
+            for k in limit
+            if k not in value
+        ]
     if rule == "type":
         message = f"must be {_describe({'type': limit})}, got {_json_type(value)} {_show(value)}"
     elif rule in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):

@@ -157,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="shared cache location (default: $LORAFLOW_HOME/cache)")
     p.add_argument("--data-dir", help="prepared datasets location (default: $LORAFLOW_HOME/datasets)")
     p.add_argument("--budget-seconds", type=float, help="wall-clock budget of each segment")
-    from flows.commands_flow import add_commands as add_flow_commands; add_flow_commands(sub)  # noqa: E702, I001
-    from flows.commands_bench import add_commands as add_bench_commands; add_bench_commands(sub)  # noqa: E702, I001
+    # Commands that live in their own modules (each registers its subparsers).
+    from flows import commands_bench, commands_flow, commands_lora
+
+    for module in (commands_flow, commands_lora, commands_bench):
+        module.add_commands(sub)
     return parser
 
 

@@ -106,6 +106,12 @@ def finetune(
         "built now" if cache["built_now"] else "found",
     )
 
+    if dataset["skipped"]:
+        logger.warning(
+            "%d image(s) skipped while preparing the dataset, e.g. %s",
+            dataset["skipped"], dataset["skipped_examples"][:3],
+        )
+
     plan = TrainingPlan.for_task(task, dataset["count"])
     budget = budget_seconds or task.train_args.segment_budget_seconds
     step = start_step_of(task)
@@ -151,6 +157,8 @@ def finetune(
     }
     run_summary = {
         **summary,
+        "dataset": {k: dataset[k] for k in ("count", "skipped", "skipped_examples",
+                                            "empty_captions")},
         "run_name": storage.basename(output_dir),
         "flow_run_id": flow_run.id,
         "flow_run_name": flow_run.name,

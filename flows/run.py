@@ -33,7 +33,9 @@ def prepare_prefect_environment() -> None:
     """Apply :data:`PREFECT_DEFAULTS` before Prefect is imported (it reads them once)."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    logging.getLogger("prefect").addFilter(_DropTemporaryServerNotice())
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, _DropTemporaryServerNotice) for f in prefect_logger.filters):
+        prefect_logger.addFilter(_DropTemporaryServerNotice())
 
 
 def use_prefect_format_on_root_handlers() -> None:

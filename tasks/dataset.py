@@ -9,10 +9,16 @@ from engine.task import TaskDefinition
 from tasks import RUN_SCOPED
 from tasks.logging_bridge import engine_logs_to_prefect
 
+SKIPPED_SHOWN = 20
+
 
 @task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
 def prepare_dataset(task: TaskDefinition, data_dir: str | None = None) -> dict:
     """The dataset manifest: where the prepared data lives, how many examples, its hash.
+
+    Also how many images were skipped (unreadable, too small, ...) with the first
+    :data:`SKIPPED_SHOWN` of them (file and reason): the full list stays in the prepared
+    dataset's manifest, out of Prefect's parameters and results.
 
     The engine keeps prepared data at an address derived from the dataset arguments, so
     a second run (or a segment on another worker with the same ``data_dir``) finds it.
@@ -24,5 +30,6 @@ def prepare_dataset(task: TaskDefinition, data_dir: str | None = None) -> dict:
         "count": manifest.count,
         "content_hash": manifest.content_hash,
         "skipped": len(manifest.skipped),
+        "skipped_examples": [dict(s) for s in manifest.skipped[:SKIPPED_SHOWN]],
         "empty_captions": manifest.empty_captions,
     }

@@ -7,6 +7,7 @@ Every flow test runs the real flow, real tasks and real training on the tiny mod
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,33 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
 
 def python_command(code: str) -> list[str]:
     return [sys.executable, "-c", code]
+
+
+def assert_same_lora(got: bytes, expected: bytes) -> None:
+    """Bit-for-bit equality of two LoRA files, up to one known engine issue.
+
+    Every tensor and every metadata entry must be byte-identical, except the order of
+    ``target_modules`` inside ``lora_adapter_metadata``: PEFT keeps target modules in a
+    ``set``, so two *processes* (different string hash seeds) list them in different
+    orders. Within one process the files are identical, and there this compares bytes.
+    """
+    if got == expected:
+        return
+    from safetensors.torch import load as load_tensors
+
+    from engine.safetensors_io import read_metadata
+
+    got_tensors, expected_tensors = load_tensors(got), load_tensors(expected)
+    assert got_tensors.keys() == expected_tensors.keys()
+    for key, tensor in expected_tensors.items():
+        assert got_tensors[key].dtype == tensor.dtype and got_tensors[key].equal(tensor), key
+
+    def normalized(data: bytes) -> dict:
+        meta = dict(read_metadata(data))
+        adapter = json.loads(meta.pop("lora_adapter_metadata", "{}"))
+        for key, value in adapter.items():
+            if key.endswith("target_modules") and isinstance(value, list):
+                adapter[key] = sorted(value)
+        return {**meta, "lora_adapter_metadata": adapter}
+
+    assert normalized(got) == normalized(expected)

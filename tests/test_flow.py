@@ -145,3 +145,22 @@ def test_bad_task_is_refused_before_any_work(prefect_api: str, tmp_path: Path) -
     assert state.is_failed()
     assert "num_train_steps" in str(state.result(raise_on_failure=False))
     assert not (tmp_path / "run").exists()
+
+
+def test_flow_parameters_are_the_task_model() -> None:
+    """A run from the UI or API sends JSON: Prefect turns it into the pydantic model,
+    refusing unknown keys (``extra="forbid"``), and the form schema is the model's."""
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from engine.task import TaskDefinition
+    from flows.finetune import finetune
+
+    document = flow_task().model_dump(mode="json")
+    parameters = finetune.validate_parameters({"task": document, "output_dir": "runs/x"})
+    assert isinstance(parameters["task"], TaskDefinition)
+    with pytest.raises(ParameterTypeError, match="typo"):
+        finetune.validate_parameters({"task": {**document, "typo": 1}, "output_dir": "runs/x"})
+    schema = parameter_schema(finetune).model_dump()
+    assert schema["properties"]["task"]["$ref"] == "#/definitions/TaskDefinition"
+    assert schema["definitions"]["TaskDefinition"]["additionalProperties"] is False
