@@ -422,6 +422,30 @@ def count_unet_forward_flops(trainer: Trainer, source: SampleSource) -> int:
     return int(counter.get_total_flops())
 
 
+def meta_forward_flops(model: str, resolution: int, batch_size: int = 1) -> int:
+    """FLOPs of one UNet forward of a full-size model, counted on the meta device.
+
+    No weights, no compute: a cross-check of the measured count, and the work per sample
+    of families too big to run here (SDXL at 1024 on a CPU). On meta tensors attention
+    runs as plain matmuls, which torch counts on any device.
+    """
+    config = load_bench_config(model)
+    family = detect_family(config["model_index"], config["unet"], config["scheduler"])
+    with torch.device("meta"):
+        unet = build_modules(model)["unet"]
+        latents = torch.empty(batch_size, unet.config.in_channels, resolution // 8, resolution // 8)
+        conditioning = {"prompt_embeds": torch.empty(batch_size, 77, unet.config.cross_attention_dim)}
+        time_ids = None
+        if family.is_sdxl:
+            pooled = config["text_encoder_2"]["projection_dim"]
+            conditioning["pooled"] = torch.empty(batch_size, pooled)
+            time_ids = torch.empty(batch_size, 6)
+        extra = unet_extra_inputs(family, conditioning, time_ids)
+        with torch.no_grad(), flop_counter() as counter:
+            unet(latents, torch.zeros(batch_size, dtype=torch.long), **extra)
+    return int(counter.get_total_flops())
+
+
 def device_peak_flops(device: torch.device, precision: str) -> tuple[str | None, float | None]:
     """(table row, dense peak FLOP/s) of a CUDA device in this precision, or (None, None)."""
     if device.type != "cuda":
@@ -795,6 +819,9 @@ def _run_all(settings: BenchSettings, device: torch.device, dtype: torch.dtype, 
     report.flops = measure_flops(base, settings, dataset, cache)
     peak_name, peak = device_peak_flops(device, settings.precision)
     report.flops |= {"device_peak_row": peak_name, "device_peak_flops": peak}
+    if settings.model in FULL_SIZE:
+        report.flops["unet_forward_per_sample_meta"] = meta_forward_flops(
+            settings.model, settings.resolution)
     flops = {"cache": report.flops["train_step_per_sample"],
              "live": report.flops.get("train_step_live_per_sample")}
     report.training = measure_training(base, settings, dataset, cache, flops, peak)
@@ -902,6 +929,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("FLOPs per sample, UNet forward", _flop(f["unet_forward_per_sample"])),
         ("step / forward FLOPs", _fmt(f["step_to_forward_ratio"], ".2f", "x")),
     ]
+    if f.get("unet_forward_per_sample_meta") is not None:
+        rows.insert(2, ("same, counted on the meta device (no weights)",
+                        _flop(f["unet_forward_per_sample_meta"])))
     if f.get("encoding_per_sample") is not None:
         rows.append(("FLOPs per sample, VAE + text encoding (live - cached)",
                      _flop(f["encoding_per_sample"])))

@@ -134,6 +134,34 @@ def test_full_size_configs_build_the_published_architectures(model):
         assert sum(config[k]["hidden_size"] for k in ("text_encoder", "text_encoder_2")) == cross_dim
 
 
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
+def test_engine_conditioning_fits_the_full_size_models(model):
+    """encode_captions (with the stand-in tokenizers) feeds the full-size UNet: shapes on meta."""
+    from engine.embedded.tiny_models import make_tokenizer
+    from engine.family import encode_captions
+
+    config = bench.load_bench_config(model)
+    family = detect_family(config["model_index"], config["unet"], config["scheduler"])
+    with torch.device("meta"):
+        modules = bench.build_modules(model)
+    tokenizers = [make_tokenizer(config[k]["pad_token"])
+                  for k in ("tokenizer", "tokenizer_2") if k in config]
+    encoders = [modules[k] for k in ("text_encoder", "text_encoder_2") if k in modules]
+    conditioning = encode_captions(family, tokenizers, encoders, ["a cat", "a dog"],
+                                   torch.device("meta"))
+    assert tuple(conditioning["prompt_embeds"].shape) == (2, 77, PUBLISHED[model][2])
+    if family.is_sdxl:
+        assert tuple(conditioning["pooled"].shape) == (2, 1280)
+
+
+def test_meta_forward_flops_match_the_published_work_per_sample():
+    # published: SD1.x at 512 ~0.84-0.89 TFLOP (MACs x 2, all ops); SDXL at 1024 ~6.8 TFLOP
+    sd15 = bench.meta_forward_flops("sd15", 512)
+    assert 0.78e12 < sd15 < 0.90e12
+    assert bench.meta_forward_flops("sd15", 512, batch_size=2) == 2 * sd15
+    assert 6.5e12 < bench.meta_forward_flops("sdxl", 1024) < 7.0e12
+
+
 def test_cli_choices_match_the_engine():
     assert tuple(bench.FAMILIES) == FAMILY_CHOICES
     assert bench.LEVERS == LEVER_CHOICES
