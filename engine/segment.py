@@ -23,9 +23,11 @@ from engine.cache import ensure_cache
 from engine.checkpoint import (
     CheckpointError,
     commit_checkpoint,
+    is_finished,
     list_committed,
     read_checkpoint,
     remove_checkpoint,
+    write_finish_marker,
 )
 from engine.clock import SegmentClock
 from engine.errors import BudgetTooShortError, LoraflowError
@@ -191,6 +193,18 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[Any]], source: SampleSo
     return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "samples": n_samples}
 
 
+def stop_reason(tr: Trainer, end: int, clock: SegmentClock, opts: SegmentOptions,
+                saver: CheckpointSaver) -> str | None:
+    """Why the segment must stop before the next step, or None to go on."""
+    if tr.global_step >= end:
+        return "finished" if end >= tr.plan.total_steps else "steps"
+    if opts.should_stop():
+        return "signal"
+    if not clock.fits_another_step(saver.state_bytes):
+        return "budget"
+    return None
+
+
 def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentOptions,
           metrics: MetricsLog, saver: CheckpointSaver, end: int) -> str:
     """Train until a stop; returns why it stopped. The whole loop, top to bottom."""
@@ -198,30 +212,31 @@ def train(tr: Trainer, source: SampleSource, clock: SegmentClock, opts: SegmentO
     batches = micro_batch_stream(source, tr.plan, start, end, tr.task.dataloader_num_workers)
     bar = progress_bar(opts.progress, start, end)
     log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
-    while True:
-        if tr.global_step >= end:
-            return "finished" if end >= tr.plan.total_steps else "steps"
-        if opts.should_stop():
-            return "signal"
-        if not clock.fits_another_step(saver.state_bytes):
-            return "budget"
-        t0 = time.monotonic()
-        step_metrics = train_step(tr, batches, source)
-        seconds = time.monotonic() - t0
-        clock.step_seconds.append(seconds)
-        metrics.log({
-            "global_step": tr.global_step,
-            "epoch": tr.plan.epoch_of(tr.global_step - 1),
-            **step_metrics,
-            "seconds": seconds,
-            "samples_per_second": step_metrics["samples"] / seconds,
-        })
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
-        if saver.due(tr.global_step, end):
-            saver.save_intermediate(tr)
-        if opts.after_step is not None:
-            opts.after_step(tr.global_step)
+    try:
+        while True:
+            stop = stop_reason(tr, end, clock, opts, saver)
+            if stop:
+                return stop
+            t0 = time.monotonic()
+            step_metrics = train_step(tr, batches, source)
+            seconds = time.monotonic() - t0
+            clock.step_seconds.append(seconds)
+            metrics.log({
+                "global_step": tr.global_step,
+                "epoch": tr.plan.epoch_of(tr.global_step - 1),
+                **step_metrics,
+                "seconds": seconds,
+                "samples_per_second": step_metrics["samples"] / seconds,
+            })
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+            if saver.due(tr.global_step, end):
+                saver.save_intermediate(tr)
+            if opts.after_step is not None:
+                opts.after_step(tr.global_step)
+    finally:
+        batches.close()  # stop data-loader workers now, not at garbage collection
+        bar.close()
 
 
 # -- data ------------------------------------------------------------------------------
@@ -246,12 +261,31 @@ def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end
     """Prepared micro-batches in order; workers (dataloader_num_workers) prepare ahead."""
     dataset = _MicroBatches(source, plan, start, end)
     if workers == 0:
-        return (dataset[k] for k in range(len(dataset)))
+        return (dataset[k] for k in range(len(dataset)))  # a generator: has close()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=lambda x: x, persistent_workers=False,
+        collate_fn=_as_is, persistent_workers=False,
     )
-    return iter(loader)
+    return _closing(iter(loader))
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _closing(loader_iter: Any) -> Iterator[list[Any]]:
+    """Yield from a worker-backed iterator and stop its workers when training stops.
+
+    A segment usually stops before the loader is exhausted (budget, signal); left to the
+    garbage collector, the worker processes are torn down mid-prefetch and torch reports
+    them as crashed.
+    """
+    try:
+        yield from loader_iter
+    finally:
+        shutdown = getattr(loader_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def progress_bar(enabled: bool, start: int, end: int) -> Any:
@@ -288,6 +322,17 @@ def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, byte
 
 
 INTERMEDIATE_DIR = "checkpoints"
+
+
+def checkpoint_state(loaded: Any) -> dict[str, Any]:
+    """The checkpoint's training_state.json; missing or not JSON is a CheckpointError."""
+    try:
+        state = json.loads(loaded.files[STATE_FILE])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint at {loaded.url} has no readable {STATE_FILE}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint at {loaded.url}: {STATE_FILE} is not an object")
+    return state
 
 
 @dataclass
@@ -346,7 +391,7 @@ def _matching(url: str, identity: dict[str, Any]) -> Any | None:
     except CheckpointError as exc:
         log.warning("skipping checkpoint %s: %s", url, exc)
         return None
-    state = json.loads(loaded.files[STATE_FILE])
+    state = checkpoint_state(loaded)
     return loaded if state.get("task_fingerprint") == fingerprint(identity) else None
 
 
@@ -355,7 +400,7 @@ def newest_intermediate(output_dir: str, identity: dict[str, Any], segment_start
     root = storage.join(output_dir, INTERMEDIATE_DIR)
     for url in reversed(list_committed(root)):
         loaded = _matching(url, identity)
-        if loaded and json.loads(loaded.files[STATE_FILE]).get("started_from_step") == segment_start:
+        if loaded and checkpoint_state(loaded).get("started_from_step") == segment_start:
             return loaded
     return None
 
@@ -367,13 +412,26 @@ def _pipeline_class(base: BaseModel) -> Any:
 
 
 def restore(tr: Trainer, loaded: Any) -> dict[str, Any]:
-    state = json.loads(loaded.files[STATE_FILE])
-    restore_lora(loaded.files[LORA_FILE], tr.adapted)
-    restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE], state["optimizer"])
-    restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])
-    if tr.scaler and state.get("grad_scaler"):
-        tr.scaler.load_state_dict(state["grad_scaler"])
-    tr.global_step = int(state["global_step"])
+    """Put the checkpoint's state into the trainer; a malformed file is a CheckpointError.
+
+    The manifest proves the files are the ones written, not that the writer was honest:
+    a file that is not valid safetensors/JSON is refused (never unpickled), not a crash.
+    """
+    try:
+        state = checkpoint_state(loaded)
+        restore_lora(loaded.files[LORA_FILE], tr.adapted)
+        restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE],
+                          state["optimizer"])
+        restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])
+        if tr.scaler and state.get("grad_scaler"):
+            tr.scaler.load_state_dict(state["grad_scaler"])
+        tr.global_step = int(state["global_step"])
+    except LoraflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed content is the same refusal
+        raise CheckpointError(
+            f"checkpoint at {loaded.url} is malformed: {type(exc).__name__}: {exc}"
+        ) from None
     return state
 
 
@@ -398,9 +456,11 @@ def already_committed(output_dir: str, identity: dict[str, Any], start_step: int
         loaded = read_checkpoint(url)
     except CheckpointError:
         return None
-    state = json.loads(loaded.files[STATE_FILE])
+    state = checkpoint_state(loaded)
     if state.get("task_fingerprint") != fingerprint(identity) or state.get("started_from_step") != start_step:
         return None
+    if loaded.finished and not is_finished(url):  # killed between manifest and marker
+        write_finish_marker(url)
     log.info("segment already committed at %s (step %d); nothing to do", url, loaded.global_step)
     validation_dir = storage.join(output_dir, "validation")
     images = [storage.join(validation_dir, name) for name in storage.list_files(validation_dir)
@@ -430,7 +490,7 @@ def load_resume_point(url: str, identity: dict[str, Any]) -> Any:
                                   f"to fall back to") from None
         log.warning("%s; falling back to %s (step %d)", exc, fallback.url, fallback.global_step)
         return fallback
-    state = json.loads(loaded.files[STATE_FILE])
+    state = checkpoint_state(loaded)
     differences = identity_differences(state.get("identity", {}), identity)
     if differences:
         raise StateMismatchError(

@@ -218,7 +218,10 @@ def _schema_message(error: jsonschema.ValidationError) -> list[Problem]:
             if k not in value
         ]
     if rule == "type":
-        message = f"must be {_describe({'type': limit})}, got {_json_type(value)} {_show(value)}"
+        got = _json_type(value)
+        if not isinstance(value, (dict, list)):
+            got += f" {_show(value)}"
+        message = f"must be {_describe({'type': limit})}, got {got}"
     elif rule in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
         message = f"must be {op[rule]} {limit}, got {_show(value)}"

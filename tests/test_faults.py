@@ -170,11 +170,6 @@ def test_retention_killed_mid_delete_never_leaves_a_manifest_over_missing_files(
     assert state.partial_dirs == [str(tmp_path / "s" / "checkpoints" / "step-00000001")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine gap: a kill between the final checkpoint's manifest and its FINISH marker leaves "
-    "a finished checkpoint without FINISH; the re-run returns it as already_done and never "
-    "writes FINISH (Crynux nodes poll for it). Fix: in segment.already_committed, write the "
-    "marker when loaded.finished and not checkpoint.is_finished(url)."))
 def test_rerun_after_a_kill_between_manifest_and_finish_marker_restores_the_marker(
     tmp_path: Path, cache_root: str
 ) -> None:
