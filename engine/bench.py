@@ -352,21 +352,40 @@ def reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def _proc_status_bytes(field_name: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def current_memory_bytes(device: torch.device) -> int | None:
+    """What is held now (weights, cache): CUDA allocated, or the resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_status_bytes("VmRSS")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak since the last reset: CUDA max allocated, or the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    peak_rss = _proc_status_bytes("VmHWM")
+    if peak_rss is not None:
+        return peak_rss
     # no /proc: the peak since the process started (ru_maxrss is KiB on Linux, bytes on macOS)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def memory_kind(device: torch.device) -> str:
-    return "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    """What the memory columns mean on this machine (they are not comparable across kinds)."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset per configuration"
+    if os.access("/proc/self/clear_refs", os.W_OK):
+        return "peak RSS (VmHWM), reset per configuration"
+    return "peak RSS since the process started (no /proc/self/clear_refs)"
 
 
 def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
@@ -473,6 +492,8 @@ def trainer_for(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
 
     The UNet is shared by every configuration, so on exit the adapter is unloaded and
     the levers switched off again: each configuration starts from the same plain UNet.
+    Memory is released by the next measurement that needs a clean peak (a full garbage
+    collection costs ~0.25 s with torch, diffusers and transformers loaded).
     """
     plan = TrainingPlan.for_task(task, len(dataset))
     trainer = build_trainer(task, base, plan)
@@ -482,8 +503,6 @@ def trainer_for(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
         yield trainer, batches, source
     finally:
         reset_unet(base)
-        del trainer
-        release_memory(base.device)
 
 
 def reset_unet(base: BaseModel) -> None:
@@ -497,9 +516,19 @@ def reset_unet(base: BaseModel) -> None:
 
 
 def release_memory(device: torch.device) -> None:
+    """Free what the last configuration left, so the next one's peak is its own.
+
+    On a CPU, glibc keeps freed heap pages mapped (they still count as resident), so
+    they are handed back to the OS with ``malloc_trim`` before the peak is reset.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def timed_steps(trainer: Trainer, batches: Iterator[list[Any]], source: SampleSource,
@@ -522,6 +551,7 @@ def time_configuration(base: BaseModel, task: TaskDefinition, dataset: Any, cach
     device = base.device
     release_memory(device)
     reset_peak_memory(device)
+    before = current_memory_bytes(device)
     per_repeat = []
     for _ in range(settings.repeats):
         steps = settings.warmup + settings.steps
@@ -536,6 +566,7 @@ def time_configuration(base: BaseModel, task: TaskDefinition, dataset: Any, cach
         "samples_per_second": batch_size / step,
         "samples_per_second_per_repeat": [batch_size / s for s in per_repeat],
         "peak_memory_bytes": peak_memory_bytes(device),
+        "memory_before_bytes": before,  # weights, encoders, cache: held before training
     }
 
 
@@ -667,7 +698,8 @@ def restart_once(location: str, settings: BenchSettings, dataset: Any, checkpoin
     t3 = time.perf_counter()
     del trainer, base, cache, source, batches
     release_memory(device)
-    return {"seconds": t3 - t0, "load_seconds": t1 - t0, "restore_seconds": t2 - t1,
+    # setup: the adapter, the UNet moved to the device, the checkpoint restored, the cache opened
+    return {"seconds": t3 - t0, "load_seconds": t1 - t0, "setup_seconds": t2 - t1,
             "first_step_seconds": t3 - t2}
 
 
@@ -795,6 +827,7 @@ def run_benchmark(settings: BenchSettings, workdir: str | Path | None = None) ->
             stack.callback(torch.set_num_threads, threads)
         report = BenchReport(settings=asdict(settings), machine=machine_info(device))
         report.machine["load_average_start"] = load_average()
+        report.machine["memory_measure"] = memory_kind(device)
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="loraflow-bench-"))
         _run_all(settings, device, dtype, Path(workdir), report)
@@ -875,7 +908,9 @@ def _fmt(value: Any, spec: str = ".2f", unit: str = "") -> str:
 
 
 def _gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+    if value is None:
+        return "-"
+    return f"{value / 2**30:.2f} GiB" if abs(value) >= 2**30 else f"{value / 2**20:.0f} MiB"
 
 
 def _flop(value: float | None) -> str:
@@ -901,24 +936,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{m['unet_parameters'] / 1e6:.1f} M parameters; attention "
         f"{', '.join(m['attention_processors'])}",
         "",
-        "| batch | inputs | levers | samples/s | step s | peak memory | achieved TFLOP/s | MFU |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| batch | inputs | levers | samples/s | step s | peak memory | peak - before "
+        "| achieved TFLOP/s | MFU |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["training"]:
         levers = ", ".join(row["levers"]) or "none"
         if row["status"] != "ok":
             lines.append(f"| {row['batch_size']} | {row['inputs']} | {levers} | "
-                         f"{row['status']} | - | - | - | - |")
+                         f"{row['status']} | - | - | - | - | - |")
             continue
         lines.append(
             f"| {row['batch_size']} | {row['inputs']} | {levers} | "
             f"{_fmt(row['samples_per_second'])} | {_fmt(row['step_seconds'], '.3f')} | "
-            f"{_gib(row['peak_memory_bytes'])} | {_fmt(row['achieved_tflops'], '.3f')} | "
+            f"{_gib(row['peak_memory_bytes'])} | {_gib(_growth(row))} | "
+            f"{_fmt(row['achieved_tflops'], '.3f')} | "
             f"{_fmt(row['mfu'] and row['mfu'] * 100, '.1f', '%')} |"
         )
     lines += ["", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
     return "\n".join(lines) + "\n"
+
+
+def _growth(row: dict[str, Any]) -> int | None:
+    """Memory the training itself added (activations, gradients, optimizer state)."""
+    if row.get("memory_before_bytes") is None:
+        return None
+    return row["peak_memory_bytes"] - row["memory_before_bytes"]
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -943,8 +987,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows += [
             (f"segment restart (load + restore + first step, batch {r['batch_size']})",
              _fmt(r["seconds"], ".2f", " s")),
-            ("  of which: load base weights / restore checkpoint + open cache / first step",
-             f"{r['load_seconds']:.2f} / {r['restore_seconds']:.2f} / "
+            ("  of which: load base weights / adapter + UNet to device + restore checkpoint "
+             "+ open cache / first step",
+             f"{r['load_seconds']:.2f} / {r['setup_seconds']:.2f} / "
              f"{r['first_step_seconds']:.2f} s"),
             ("restart / steady step", _fmt(r.get("ratio_to_step"), ".1f", "x")),
             ("fresh-process imports (not in the restart figure)",

@@ -19,7 +19,8 @@ from flows.commands_bench import FAMILY_CHOICES, LEVER_CHOICES
 
 TRAINING_ROW_KEYS = {
     "batch_size", "inputs", "levers", "status", "step_seconds", "samples_per_second",
-    "samples_per_second_per_repeat", "peak_memory_bytes", "achieved_tflops", "mfu",
+    "samples_per_second_per_repeat", "peak_memory_bytes", "memory_before_bytes",
+    "achieved_tflops", "mfu",
 }
 
 
@@ -47,7 +48,7 @@ def test_smoke_bench_writes_json_and_markdown(tmp_path, capsys):
     for row in rows:
         assert set(row) == TRAINING_ROW_KEYS
         assert row["status"] == "ok" and row["samples_per_second"] > 0
-        assert row["peak_memory_bytes"] > 0
+        assert row["peak_memory_bytes"] >= row["memory_before_bytes"] > 0
         assert row["mfu"] is None  # a CPU has no peak to hold it against
     assert {(r["inputs"], tuple(r["levers"])) for r in rows} == {
         ("cache", ()), ("live", ()), ("cache", ("gradient_checkpointing",)),
@@ -64,7 +65,7 @@ def test_smoke_bench_writes_json_and_markdown(tmp_path, capsys):
     assert restart["ratio_to_step"] > 0
 
     markdown = out_md.read_text()
-    assert "| batch | inputs | levers | samples/s |" in markdown
+    assert "| batch | inputs | levers | samples/s | step s | peak memory |" in markdown
     assert markdown.count("\n| 1 | ") == 4 and markdown.count("\n| 2 | ") == 4
     assert "segment restart" in markdown
     assert markdown in capsys.readouterr().out
