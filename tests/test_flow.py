@@ -164,3 +164,21 @@ def test_flow_parameters_are_the_task_model() -> None:
     schema = parameter_schema(finetune).model_dump()
     assert schema["properties"]["task"]["$ref"] == "#/definitions/TaskDefinition"
     assert schema["definitions"]["TaskDefinition"]["additionalProperties"] is False
+
+
+def test_flow_trains_an_sdxl_task_with_text_encoder_lora_end_to_end(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    from tests.engine_helpers import run_chain
+
+    task = flow_task(**{"model.name": "loraflow/tiny-sdxl",
+                        "lora.text_encoder": {"rank": 2}})
+    state, summary = run_finetune(task, str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    assert summary["global_step"] == summary["total_steps"] and summary["segments"] >= 2
+    kohya = Path(summary["lora"]["kohya"])
+    from safetensors.torch import load_file
+
+    prefixes = {k.split("_")[1] for k in load_file(kohya) if k.startswith("lora_te")}
+    assert prefixes == {"te1", "te2"}
+    reference = run_chain(task.model_copy(), tmp_path / "engine", validate=False)
+    assert checkpoint_bytes(summary["checkpoint"]) == checkpoint_bytes(reference[-1].checkpoint)

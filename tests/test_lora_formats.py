@@ -8,7 +8,6 @@ kohya file (diffusers' own converter does) would load at double strength and fai
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,16 +128,6 @@ def load_pipeline_with(location: str, family: str, data: bytes | None) -> Any:
 
 
 # -- fixtures -------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    waiting on each other make a UNet call 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,6 @@ def make_task(model: str = "loraflow/tiny-sd1", **output) -> TaskDefinition:
         "seed": 5,
         **({"output": output} if output else {}),
     })
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    waiting on each other make a UNet call 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def data_offset(data: bytes) -> int:
