@@ -108,22 +108,14 @@ def run_command(args: argparse.Namespace) -> int:
 def report_state(state: Any) -> int:
     """Print the summary of a finished flow run, or why it failed; return the exit code."""
     from engine.errors import ExitCode, LoraflowError
-    from engine.storage import StorageError
-    from engine.task_validation import TaskValidationError
 
     if state.is_completed():
         print(describe(state.result()))
         return ExitCode.OK
     error = state.result(raise_on_failure=False)
-    if isinstance(error, TaskValidationError):
-        print(f"error: {error}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    if isinstance(error, LoraflowError):
+    if isinstance(error, LoraflowError):  # bad input (2), storage (4), ...: its own code
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    if isinstance(error, StorageError):
-        print(f"error: storage: {error}", file=sys.stderr)
-        return ExitCode.STORAGE
     print(f"error: the fine-tuning run ended {state.name}: {state.message}", file=sys.stderr)
     if isinstance(error, BaseException):
         print(f"  cause: {type(error).__name__}: {error}", file=sys.stderr)
