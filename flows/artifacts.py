@@ -22,7 +22,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from engine import storage
+from engine.store import storage
 
 #: Images up to this size are inlined as data URIs (the UI cannot fetch s3:// links).
 INLINE_IMAGE_BYTES = 256 * 1024

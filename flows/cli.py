@@ -21,7 +21,7 @@ STARTED_AT = time.monotonic()
 
 
 def _task(path: str):
-    from engine.task_validation import load_task
+    from engine.task.validation import load_task
 
     return load_task(path)
 
@@ -36,14 +36,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from engine.schema import render_schema
+    from engine.task.schema import render_schema
 
     sys.stdout.write(render_schema())
     return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from engine.embedded.tiny_models import build_tiny_model
+    from engine.model.embedded.tiny_models import build_tiny_model
 
     path = build_tiny_model(args.name, args.dir)
     print(path)
@@ -51,7 +51,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from engine.embedded.demo_data import build_demo_data
+    from engine.model.embedded.demo_data import build_demo_data
 
     paths = build_demo_data(args.dir)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=2))
@@ -81,9 +81,9 @@ class StopRequest:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from engine.data.prepared import default_cache_root
     from engine.errors import ExitCode
-    from engine.prepared_data import default_cache_root
-    from engine.segment import SegmentOptions, run_segment
+    from engine.train.segment import SegmentOptions, run_segment
 
     task = _task(args.task)
     if not args.verbose:

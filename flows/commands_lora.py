@@ -1,6 +1,6 @@
 """``loraflow generate`` and ``loraflow inspect``: use and look into a trained LoRA.
 
-Thin shells over :mod:`engine.generate`; ``flows.cli.build_parser`` calls
+Thin shells over :mod:`engine.infer.generate`; ``flows.cli.build_parser`` calls
 :func:`add_commands` to register them. Neither imports Prefect. Errors a user can fix
 are :class:`engine.errors.LoraflowError` (a pickle LoRA, a LoRA for another family) and
 ``flows.cli.main`` prints them without a traceback.
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.generate import generate_images, write_images
+    from engine.infer.generate import generate_images, write_images
 
     images = generate_images(
         args.model,
@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from engine.generate import format_report, inspect_lora
+    from engine.infer.generate import format_report, inspect_lora
 
     report = inspect_lora(args.file)
     if args.json:

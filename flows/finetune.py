@@ -17,11 +17,11 @@ resolve string annotations such as ``"TaskDefinition"`` (the run fails validatio
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from engine import storage
-from engine.checkpoint import read_manifest
-from engine.plan import TrainingPlan
-from engine.task import TaskDefinition
-from engine.task_validation import TaskValidationError, cross_field_problems
+from engine.store import storage
+from engine.store.commit import read_manifest
+from engine.task.definition import TaskDefinition
+from engine.task.validation import TaskValidationError, cross_field_problems
+from engine.train.plan import TrainingPlan
 from flows import artifacts
 from tasks.cache import build_cache
 from tasks.dataset import prepare_dataset

@@ -69,7 +69,7 @@ def absolute_location(location: str | None) -> str | None:
 
 def describe(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: where the LoRA is and how training went."""
-    from engine.storage import redact
+    from engine.store.storage import redact
 
     lora = summary["lora"]
     lines = [f"LoRA published to {redact(lora['lora_dir'])}"]
@@ -87,7 +87,7 @@ def describe(summary: dict[str, Any]) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the ``finetune`` flow for ``args.task``; print a summary; return the exit code."""
-    from engine.task_validation import load_task
+    from engine.task.validation import load_task
 
     task = load_task(args.task)  # bad input is refused here, before Prefect starts
     prepare_prefect_environment()

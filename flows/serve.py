@@ -55,7 +55,7 @@ def deployment_parameters(args: argparse.Namespace, task: Any) -> dict[str, Any]
 
 def serve_command(args: argparse.Namespace) -> int:
     """Serve ``finetune`` as deployment ``finetune/<name>`` until interrupted."""
-    from engine.task_validation import load_task
+    from engine.task.validation import load_task
 
     task = load_task(args.task)
     prepare_prefect_environment()

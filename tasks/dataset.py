@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from engine.prepared_data import prepare_for_task
-from engine.task import TaskDefinition
+from engine.data.prepared import prepare_for_task
+from engine.task.definition import TaskDefinition
 from tasks import RUN_SCOPED
 from tasks.logging_bridge import engine_logs_to_prefect
 

@@ -7,10 +7,10 @@ from datetime import datetime, timezone
 from prefect import task
 from prefect.runtime import flow_run
 
-from engine import storage
-from engine.prepared_data import load_dataset_for_task
-from engine.publish import publish_lora
-from engine.task import TaskDefinition
+from engine.data.prepared import load_dataset_for_task
+from engine.lora.publish import publish_lora
+from engine.store import storage
+from engine.task.definition import TaskDefinition
 from tasks import RUN_SCOPED
 from tasks.logging_bridge import engine_logs_to_prefect
 

@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from prefect import task
 from prefect.runtime import flow_run, task_run
 
-from engine import storage
-from engine.segment import SegmentOptions, run_segment
-from engine.task import TaskDefinition
+from engine.store import storage
+from engine.task.definition import TaskDefinition
+from engine.train.segment import SegmentOptions, run_segment
 from tasks import RUN_SCOPED
 from tasks.cache import cache_root
 from tasks.logging_bridge import engine_logs_to_prefect

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from engine.prepared_data import load_dataset_for_task
-from engine.task import TaskDefinition
-from engine.validation import validate_checkpoint
+from engine.data.prepared import load_dataset_for_task
+from engine.infer.validation import validate_checkpoint
+from engine.task.definition import TaskDefinition
 from tasks import RUN_SCOPED
 from tasks.logging_bridge import engine_logs_to_prefect
 

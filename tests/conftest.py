@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.embedded.demo_data import DemoDataPaths
-from engine.embedded.registry import demo_data_paths, resolve_model
+from engine.model.embedded.demo_data import DemoDataPaths
+from engine.model.embedded.registry import demo_data_paths, resolve_model
 
 _OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _saved_import_env: dict[str, str | None] = {}

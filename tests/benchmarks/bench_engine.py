@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from engine.logs import silence_progress_bars  # noqa: E402
-from engine.segment import SegmentOptions, run_segment  # noqa: E402
-from engine.task_validation import validate_document  # noqa: E402
+from engine.task.validation import validate_document  # noqa: E402
+from engine.train.segment import SegmentOptions, run_segment  # noqa: E402
 
 TASK = {
     "model": {"name": "loraflow/tiny-sd1"},

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import jsonschema  # noqa: E402
 
-from engine.task_validation import MAX_DOCUMENT_BYTES  # noqa: E402
+from engine.task.validation import MAX_DOCUMENT_BYTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = ROOT / "engine" / "schema" / "finetune-task.schema.json"

@@ -55,7 +55,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.checkpoint import (  # noqa: E402
+from engine.store.commit import (  # noqa: E402
     FINISH_NAME,
     MANIFEST_NAME,
     CheckpointError,
@@ -63,7 +63,7 @@ from engine.checkpoint import (  # noqa: E402
     read_checkpoint,
     read_manifest,
 )
-from engine.storage import TEMP_MARKER  # noqa: E402
+from engine.store.storage import TEMP_MARKER  # noqa: E402
 
 STEPS = 12
 #: The task of every trial: tiny model, batch 1, a commit after every step, keep 3.
@@ -90,7 +90,7 @@ TASK_DOC: dict[str, Any] = {
 MODES = ("timed", "step", "write")
 #: A known engine gap, counted apart from violations (see docs/reliability.md); the strict
 #: xfail test_rerun_after_a_kill_between_manifest_and_finish_marker_restores_the_marker in
-#: tests/test_faults.py goes with it. A kill between the final manifest and its FINISH
+#: tests/faults/test_faults.py goes with it. A kill between the final manifest and its FINISH
 #: marker leaves a finished checkpoint without FINISH, and the re-run does not restore it.
 GAP_FINISH = "finish-marker-not-restored"
 #: Modules the forkserver imports once, so forked children skip the imports.
@@ -99,8 +99,8 @@ PRELOAD = [
     "diffusers",
     "transformers",
     "peft",
-    "engine.segment",
-    "engine.task_validation",
+    "engine.train.segment",
+    "engine.task.validation",
     "tests.faults.kill_campaign",
 ]
 CHILD_DEADLINE_S = 300.0
@@ -123,8 +123,8 @@ def segment_child(task_doc: dict, output_dir: str, cache_root: str, log_path: st
     from tqdm import tqdm
 
     from engine.logs import silence_progress_bars
-    from engine.segment import SegmentOptions, run_segment
-    from engine.task_validation import validate_document
+    from engine.task.validation import validate_document
+    from engine.train.segment import SegmentOptions, run_segment
 
     silence_progress_bars()
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: it would leak

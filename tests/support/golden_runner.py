@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.prepared_data import load_dataset_for_task
-from engine.publish import publish_lora
-from engine.segment import SegmentOptions, run_segment
-from engine.task_validation import validate_document
+from engine.data.prepared import load_dataset_for_task
+from engine.lora.publish import publish_lora
+from engine.task.validation import validate_document
+from engine.train.segment import SegmentOptions, run_segment
 
 
 def run_golden_task(document: dict[str, Any], root: Path) -> Path:

@@ -1,0 +1,1 @@
+"""Datasets: sources, archives, images, transforms and prepared datasets."""

@@ -1,0 +1,83 @@
+"""Where a task's data and model identity come from when a segment runs on its own.
+
+The Prefect flow prepares the dataset in its own step and hands the address on; a
+standalone ``loraflow segment`` prepares it here, under a data root (default
+``$LORAFLOW_HOME/datasets``), at an address derived from the dataset arguments, so the
+second segment finds the first one's work and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.data.dataset import default_dataset_address, open_dataset, prepare_dataset
+from engine.model.embedded.registry import is_embedded, loraflow_home, resolve_dataset
+from engine.task.definition import DatasetArgs, TaskDefinition
+
+
+def resolved_dataset_args(args: DatasetArgs) -> DatasetArgs:
+    """Embedded dataset ids (loraflow/demo-shapes) become the local folder they build."""
+    if args.name is not None and is_embedded(args.name):
+        return args.model_copy(update={"name": resolve_dataset(args.name)})
+    return args
+
+
+def default_data_root() -> str:
+    return str(loraflow_home() / "datasets")
+
+
+def default_cache_root() -> str:
+    return str(loraflow_home() / "cache")
+
+
+def prepare_for_task(task: TaskDefinition, data_root: str | None, progress: bool = False):
+    """Prepare (or find already prepared) the task's dataset; returns its manifest."""
+    args = resolved_dataset_args(task.dataset)
+    root = data_root or default_data_root()
+    address = default_dataset_address(args, root)
+    return prepare_dataset(args, address, progress=progress)
+
+
+def load_dataset_for_task(task: TaskDefinition, data_root: str | None, progress: bool = False):
+    manifest = prepare_for_task(task, data_root, progress)
+    return open_dataset(manifest.address)
+
+
+def model_identity(base: Any) -> str:
+    """A hash of the loaded components' configs (and, for local folders, weight sizes).
+
+    It joins name, revision and variant in the cache fingerprint so that a local folder
+    whose weights were replaced under the same path does not reuse stale latents.
+    """
+    parts: dict[str, Any] = {
+        "unet": dict(base.unet.config),
+        "vae": dict(base.vae.config) if base.vae is not None else None,
+        "text": [enc.config.to_dict() for enc in base.text_encoders],
+    }
+    root = Path(base.location)
+    if root.is_dir():
+        parts["files"] = sorted(
+            (str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*.safetensors")
+        )
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def ensure_cache_for_task(task: TaskDefinition, data_root: str | None, cache_root: str) -> dict:
+    """Build (or find) the caption/latent cache of a task's data; the flow's cache step.
+
+    Loads only what encodes (VAE, text encoders), not the optimizer or adapter. Returns
+    ``{"address": url or None, "built_now": bool}``: small, for Prefect to pass along.
+    """
+    from engine.model.loading import load_base_model, training_device
+    from engine.train.cache import ensure_cache
+
+    dataset = load_dataset_for_task(task, data_root)
+    base = load_base_model(task, training_device())
+    cache = ensure_cache(task, base, dataset, cache_root, model_identity(base))
+    if cache is None:
+        return {"address": None, "built_now": False}
+    return {"address": cache.address, "built_now": cache.built_now}

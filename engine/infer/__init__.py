@@ -1,0 +1,1 @@
+"""Inference: validation images and generation with a LoRA."""

@@ -1,0 +1,329 @@
+"""Use a trained LoRA: render images with it, and say what a LoRA file holds.
+
+Images come from the base model's own diffusers pipeline with the LoRA loaded by
+diffusers' ``load_lora_weights``, which reads both our files: the diffusers one (its
+``lora_adapter_metadata`` header carries alpha) and the kohya one (``.alpha`` tensors).
+The file is handed over as a file, never as a dict: from a dict diffusers cannot see the
+header and would load a diffusers file with alpha != rank at the wrong strength.
+
+The LoRA strength is applied with ``set_adapters(..., adapter_weights=[scale])``, which
+scales the UNet and text-encoder LoRA layers alike; scale 0 renders exactly the base
+model's image. Image i is drawn from a CPU generator seeded with ``seed + i``, so a seed
+gives the same pixels on every run of the same machine kind, as A1111's batch seeds do.
+
+Only ``.safetensors`` is read: a pickle file (``.bin``/``.pt``/``.ckpt``) can run code
+when loaded, so it is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from engine.errors import LoraflowError
+from engine.lora.formats import detect_format, guess_family, lora_modules
+from engine.lora.metadata import read_metadata, tensor_data_hash
+from engine.store import storage
+
+ADAPTER_NAME = "lora"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch zip archive, raw pickle protocol 2+
+_ABBREVIATE_AT = 200
+
+
+class LoraFileRefused(LoraflowError):
+    """The LoRA file is not one we can load safely and faithfully."""
+
+
+# -- reading a LoRA file ---------------------------------------------------------------
+
+
+def read_lora_bytes(location: str) -> bytes:
+    """The bytes of a ``.safetensors`` LoRA (path or fsspec URL); pickles are refused."""
+    if location.lower().endswith(PICKLE_SUFFIXES):
+        raise LoraFileRefused(
+            f"{storage.redact(location)}: pickle-based LoRA files "
+            f"({', '.join(PICKLE_SUFFIXES)}) can run arbitrary code when loaded and are "
+            "never unpickled; convert it to .safetensors with a tool you trust"
+        )
+    try:
+        data = storage.read_bytes(location)
+    except FileNotFoundError:
+        raise LoraFileRefused(f"LoRA file not found: {storage.redact(location)}") from None
+    try:
+        read_metadata(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        # Diagnosed only after the safetensors parse failed: a safetensors header length
+        # can start with the same byte as a pickle.
+        where = storage.redact(location)
+        if data.startswith(_PICKLE_MAGIC):
+            raise LoraFileRefused(
+                f"{where} is a pickle (torch.save) file, not safetensors; it is never unpickled"
+            ) from None
+        raise LoraFileRefused(f"{where} is not a safetensors file: {exc}") from None
+    return data
+
+
+def _tensors(data: bytes, location: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        where = storage.redact(location)
+        raise LoraFileRefused(f"{where}: unreadable safetensors: {exc}") from None
+
+
+# -- inspecting -----------------------------------------------------------------------
+
+
+def inspect_lora(path: str) -> dict[str, Any]:
+    """What a LoRA file holds: format, family guess, ranks, alphas, targets, metadata."""
+    data = read_lora_bytes(path)
+    tensors = _tensors(data, path)
+    metadata = read_metadata(data)
+    fmt = detect_format(tensors)
+    if fmt == "unknown":
+        raise LoraFileRefused(
+            f"{storage.redact(path)}: neither a diffusers nor a kohya LoRA "
+            f"(e.g. key {next(iter(sorted(tensors)), '<none>')!r})"
+        )
+    modules = lora_modules(tensors, metadata)
+    family, reason = guess_family(tensors, modules, metadata)
+    components: dict[str, int] = {}
+    for m in modules:
+        components[m.component] = components.get(m.component, 0) + 1
+    return {
+        "path": storage.redact(path),
+        "format": fmt,
+        "family": family,
+        "family_reason": reason,
+        "modules": len(modules),
+        "components": components,
+        "ranks": sorted({m.rank for m in modules}),
+        "alphas": sorted({m.alpha if m.alpha is not None else float(m.rank) for m in modules}),
+        "alpha_stored": all(m.alpha is not None for m in modules),
+        "scales": sorted({(m.alpha or m.rank) / m.rank for m in modules}),
+        "target_kinds": sorted({m.kind for m in modules}),
+        "tensor_data_sha256": tensor_data_hash(data),
+        "metadata": abbreviate_metadata(metadata),
+    }
+
+
+def abbreviate_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Header metadata fit for a terminal: the task summarised, long values cut."""
+    out = {}
+    for key, value in sorted(metadata.items()):
+        if key == "loraflow_task":
+            value = _task_summary(value)
+        elif key == "lora_adapter_metadata":
+            value = _adapter_summary(value)
+        if len(value) > _ABBREVIATE_AT:
+            value = value[:_ABBREVIATE_AT] + "..."
+        out[key] = value
+    return out
+
+
+def _task_summary(text: str) -> str:
+    try:
+        task = json.loads(text)
+        parts = {
+            "model": task["model"]["name"],
+            "dataset": task["dataset"].get("name") or task["dataset"].get("url"),
+            "rank": task["lora"]["rank"],
+            "alpha": task["lora"].get("alpha"),
+            "resolution": task["train_args"]["resolution"],
+            "seed": task["seed"],
+        }
+    except (ValueError, KeyError, TypeError):
+        return text
+    return ", ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def _adapter_summary(text: str) -> str:
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return text
+    keys = sorted(k for k in config if k.endswith((".r", ".lora_alpha")))
+    return ", ".join(f"{k}={config[k]}" for k in keys)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``inspect_lora``'s dict as readable text."""
+    lines = [
+        f"file:       {report['path']}",
+        f"format:     {report['format']}",
+        f"family:     {report['family']} ({report['family_reason']})",
+        f"modules:    {report['modules']} "
+        + "(" + ", ".join(f"{k}: {v}" for k, v in sorted(report["components"].items())) + ")",
+        f"rank:       {', '.join(map(str, report['ranks']))}",
+        f"alpha:      {', '.join(f'{a:g}' for a in report['alphas'])}"
+        + ("" if report["alpha_stored"] else " (not stored: loaders use alpha = rank)"),
+        f"scale:      {', '.join(f'{s:g}' for s in report['scales'])} (alpha / rank)",
+        f"targets:    {', '.join(report['target_kinds'])}",
+        f"data hash:  {report['tensor_data_sha256']}",
+    ]
+    if report["metadata"]:
+        lines.append("metadata:")
+        lines += [f"  {k}: {v}" for k, v in report["metadata"].items()]
+    return "\n".join(lines)
+
+
+# -- generating -----------------------------------------------------------------------
+
+
+def generate_images(
+    model: str,
+    lora: str | None,
+    prompt: str,
+    *,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    lora_scale: float = 1.0,
+    num_images: int = 1,
+    negative_prompt: str | None = None,
+    revision: str = "main",
+    variant: str | None = None,
+    device: str | None = None,
+) -> list[Image.Image]:
+    """Render ``num_images`` images; each carries its A1111 ``parameters`` in ``.info``."""
+    from engine.model.loading import training_device
+
+    pipe, family = load_pipeline(model, revision=revision, variant=variant)
+    lora_data = read_lora_bytes(lora) if lora else None
+    if lora_data is not None:
+        load_lora(pipe, lora_data, lora, family.name, lora_scale)
+    pipe.to(torch.device(device) if device else training_device())
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(num_images):
+        image = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            generator=torch.Generator(device="cpu").manual_seed(seed + i),
+        ).images[0]
+        image.info["parameters"] = image_parameters(
+            prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
+            size=image.size, sampler=type(pipe.scheduler).__name__, model=model,
+            lora=(lora, lora_data, lora_scale) if lora_data is not None else None,
+        )
+        images.append(image)
+    return images
+
+
+def load_pipeline(
+    model: str, *, revision: str = "main", variant: str | None = None
+) -> tuple[Any, Any]:
+    """The base model's pipeline in float32 (family read from its configs), safetensors only."""
+    import diffusers
+
+    from engine.model.loading import ModelLoadError, inspect_model
+    from engine.task.definition import ModelArgs
+
+    location, family = inspect_model(ModelArgs(name=model, revision=revision, variant=variant))
+    cls = getattr(diffusers, family.pipeline_class)
+    try:
+        pipe = cls.from_pretrained(
+            location, revision=revision, variant=variant, use_safetensors=True,
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {model!r}: {exc}") from None
+    return pipe, family
+
+
+def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: float) -> None:
+    """Load a diffusers or kohya LoRA file into ``pipe`` at strength ``scale``.
+
+    The LoRA's prediction type (``modelspec.prediction_type``) is given to the scheduler:
+    a v-prediction LoRA sampled as epsilon renders noise.
+    """
+    tensors = _tensors(data, location)
+    if detect_format(tensors) != "unknown":  # other layouts: diffusers' converters decide
+        metadata = read_metadata(data)
+        lora_family, reason = guess_family(tensors, lora_modules(tensors, metadata), metadata)
+        if lora_family not in ("unknown", family_name):
+            raise LoraFileRefused(
+                f"{storage.redact(location)} is a {lora_family} LoRA ({reason}); "
+                f"the model is {family_name}"
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "lora.safetensors").write_bytes(data)
+        try:
+            pipe.load_lora_weights(tmp, weight_name="lora.safetensors", adapter_name=ADAPTER_NAME)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise LoraFileRefused(
+                f"diffusers cannot load {storage.redact(location)} into this {family_name} "
+                f"model: {exc}"
+            ) from None
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
+    _apply_prediction_type(pipe, read_metadata(data).get("modelspec.prediction_type"))
+
+
+def _apply_prediction_type(pipe: Any, spec_value: str | None) -> None:
+    wanted = {"v": "v_prediction", "epsilon": "epsilon"}.get(spec_value or "")
+    if wanted and pipe.scheduler.config.get("prediction_type") != wanted:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            {**pipe.scheduler.config, "prediction_type": wanted}
+        )
+
+
+def image_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    size: tuple[int, int],
+    sampler: str,
+    model: str,
+    lora: tuple[str, bytes, float] | None,
+) -> str:
+    """The A1111 ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs.
+
+    A LoRA is named as A1111 does: ``<lora:name:scale>`` in the prompt and its short
+    hash (first 12 hex digits of the tensor-data sha256) under ``Lora hashes``, which
+    Civitai uses to link the resource.
+    """
+    fields = [
+        f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {guidance:g}", f"Seed: {seed}",
+        f"Size: {size[0]}x{size[1]}", f"Model: {model}",
+    ]
+    text = prompt
+    if lora is not None:
+        location, data, scale = lora
+        name = storage.basename(location).removesuffix(".safetensors")
+        text = f"{prompt} <lora:{name}:{scale:g}>"
+        fields.append(f'Lora hashes: "{name}: {tensor_data_hash(data)[:12]}"')
+    lines = [text]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def write_images(images: list[Image.Image], output_dir: str, stem: str = "image") -> list[str]:
+    """Write ``<stem>-NN.png`` files with their ``parameters`` text chunk; return the URLs."""
+    from engine.infer.validation import png_bytes
+
+    urls = []
+    for i, image in enumerate(images):
+        url = storage.join(output_dir, f"{stem}-{i:02d}.png")
+        storage.write_bytes(url, png_bytes(image, image.info.get("parameters", "")))
+        urls.append(url)
+    return urls

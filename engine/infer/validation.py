@@ -1,0 +1,138 @@
+"""Validation images: the base pipeline with the LoRA, same inputs -> same pixels.
+
+Prompts come from ``validation.prompt`` or, when it is null, from captions of the dataset
+drawn by the task's seed. Image i is sampled from a CPU generator seeded by (seed, i), so
+networks that compare validation images across nodes see the same pixels for the same
+checkpoint on the same kind of device.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from engine.store import storage
+from engine.task.definition import TaskDefinition
+from engine.train.seeding import generator
+
+
+def validation_prompts(task: TaskDefinition, dataset: Any) -> list[str]:
+    n = task.validation.num_images
+    if task.validation.prompt is not None:
+        return [task.validation.prompt] * n
+    order = torch.randperm(len(dataset), generator=generator(task.seed, "validation_prompts"))
+    picks = [int(order[i % len(dataset)]) for i in range(n)]
+    return [(dataset.captions(i) or [""])[0] for i in picks]
+
+
+def scheduler_for_inference(location: str, revision: str, prediction_type: str) -> Any:
+    """The model's own inference scheduler, predicting what the LoRA was trained to."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(location, subfolder="scheduler", revision=revision)
+    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return cls.from_config({**config, "prediction_type": prediction_type})
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """PNG with the generation parameters in a text chunk, as AUTOMATIC1111 writes them."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def describe(prompt: str, steps: int, guidance: float, seed: int, size: int, extra: str = "") -> str:
+    text = f"{prompt}\nSteps: {steps}, CFG scale: {guidance}, Seed: {seed}, Size: {size}x{size}"
+    return text + (f", {extra}" if extra else "")
+
+
+@torch.no_grad()
+def render_validation(pipe: Any, task: TaskDefinition, prompts: list[str], device: torch.device,
+                      dtype: torch.dtype) -> list[Image.Image]:
+    """Render one image per prompt with per-image seeded CPU generators."""
+    size = task.train_args.resolution
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    )
+    images = []
+    for i, prompt in enumerate(prompts):
+        with autocast:
+            out = pipe(
+                prompt,
+                num_inference_steps=task.validation.num_inference_steps,
+                guidance_scale=task.validation.guidance_scale,
+                height=size,
+                width=size,
+                generator=generator(task.seed, "validation", i),
+                output_type="pil",
+            )
+        images.append(out.images[0])
+    return images
+
+
+def write_validation(
+    output_dir: str, task: TaskDefinition, prompts: list[str], images: list[Image.Image],
+    global_step: int, seconds: float | None = None,
+) -> list[str]:
+    """validation/NN.png (+ prompts.json) under output_dir; returns the PNG URLs."""
+    urls = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=False)):
+        params = describe(
+            prompt, task.validation.num_inference_steps, task.validation.guidance_scale,
+            task.seed, task.train_args.resolution, f"Image: {i}, Global step: {global_step}",
+        )
+        url = storage.join(output_dir, "validation", f"{i:02d}.png")
+        storage.write_bytes(url, png_bytes(image, params))
+        urls.append(url)
+    summary = {"global_step": global_step, "prompts": prompts,
+               "images": [u.rsplit("/", 1)[-1] for u in urls], "seconds": seconds}
+    storage.write_bytes(storage.join(output_dir, "validation", "prompts.json"), json.dumps(summary, indent=2).encode())
+    return urls
+
+
+def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: str,
+                        dataset: Any) -> list[str]:
+    """Validation images from the base pipeline with the checkpoint's LoRA *file* loaded.
+
+    Unlike the in-segment validation (which reuses the adapted UNet in memory), this goes
+    through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import diffusers
+
+    from engine.lora.weights import LORA_FILE
+    from engine.model.loading import inspect_model, training_device, weight_dtype
+    from engine.store.commit import read_checkpoint
+
+    loaded = read_checkpoint(checkpoint_url)
+    location, family = inspect_model(task.model)
+    device = training_device()
+    dtype = weight_dtype(task.mixed_precision, device)
+    pipeline_cls = getattr(diffusers, family.pipeline_class)
+    extra = {} if family.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_cls.from_pretrained(
+        location, revision=task.model.revision, variant=task.model.variant,
+        dtype=dtype, use_safetensors=True, **extra,
+    ).to(device)
+    prediction = task.train_args.prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
+    pipe.scheduler = scheduler_for_inference(location, task.model.revision, prediction)
+    if task.model.vae is not None:
+        from engine.model.loading import load_vae
+
+        pipe.vae = load_vae(task, location, dtype, None).to(device)
+    with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
+        (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])
+        pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(task, dataset)
+    images = render_validation(pipe, task, prompts, device, dtype)
+    return write_validation(output_dir, task, prompts, images, loaded.global_step)

@@ -1,0 +1,1 @@
+"""LoRA files: weights I/O, formats (diffusers, kohya), metadata, model card, publishing."""

@@ -1,0 +1,209 @@
+"""The README.md published beside the LoRA files: what it is and how to load it.
+
+A LoRA folder is passed around on its own (Hub, Civitai, a shared drive); the card is the
+only place that says which base model it needs, what prompts it was trained on and how
+each tool loads it. Its text depends only on its inputs, so republishing the same
+checkpoint rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from engine.lora.metadata import LoraFacts
+from engine.lora.weights import LORA_FILE
+
+CAPTION_SAMPLE = 5
+TOP_WORDS = 12
+_WORD = re.compile(r"[a-z][a-z0-9'-]{2,}")
+#: Words too common to say anything about what the LoRA learned.
+_STOPWORDS = frozenset({
+    "the", "and", "with", "for", "from", "that", "this", "are", "was", "were", "has",
+    "have", "its", "into", "onto", "over", "under", "near", "next", "very", "photo",
+    "image", "picture",
+})
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class CardFiles:
+    """Names (relative to the card) of what was published beside it."""
+
+    diffusers: str | None = LORA_FILE
+    kohya: str | None = None
+    validation_images: list[str] = field(default_factory=list)
+    metrics: str | None = None
+
+
+def caption_sample(captions: list[str], n: int = CAPTION_SAMPLE) -> list[str]:
+    """The first ``n`` distinct non-empty captions, in dataset order (stable)."""
+    seen: dict[str, None] = {}
+    for caption in captions:
+        text = " ".join(caption.split())
+        if text:
+            seen.setdefault(text, None)
+        if len(seen) == n:
+            break
+    return list(seen)
+
+
+def frequent_words(captions: list[str], n: int = TOP_WORDS) -> list[tuple[str, int]]:
+    """The most frequent caption words: likely trigger words. Ties break alphabetically."""
+    counts = Counter(
+        word
+        for caption in captions
+        for word in _WORD.findall(caption.lower())
+        if word not in _STOPWORDS
+    )
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+
+def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -> str:
+    """The whole README.md: front matter, summary, captions, settings, images, usage."""
+    sections = [
+        _front_matter(facts),
+        _summary(facts),
+        _captions(captions),
+        _settings(facts),
+        _validation(files),
+        _files(files),
+        _usage(facts, files),
+    ]
+    return "\n".join(s for s in sections if s).rstrip() + "\n"
+
+
+# -- sections -------------------------------------------------------------------------
+
+
+def _front_matter(facts: LoraFacts) -> str:
+    """Hub model-card metadata; base_model only for a real Hub id (not a local path)."""
+    lines = ["---", "library_name: diffusers", "tags:"]
+    lines += [f"- {tag}" for tag in ("lora", "stable-diffusion", "text-to-image", "loraflow")]
+    if _is_hub_id(facts.task.model.name):
+        lines.append(f"base_model: {facts.task.model.name}")
+    return "\n".join([*lines, "---", ""])
+
+
+def _summary(facts: LoraFacts) -> str:
+    return "\n".join([
+        f"# {facts.title}",
+        "",
+        f"A LoRA adapter for `{facts.task.model.name}` "
+        f"(family `{facts.family.name}`, architecture `{facts.family.modelspec_architecture}`), "
+        f"trained by loraflow for {facts.steps} steps.",
+        "",
+    ])
+
+
+def _captions(captions: list[str]) -> str:
+    words = frequent_words(captions)
+    sample = caption_sample(captions)
+    if not words and not sample:
+        return ""
+    lines = ["## Trigger words and captions", ""]
+    if words:
+        lines.append(
+            "Most frequent caption words (use them in prompts): "
+            + ", ".join(f"`{word}` ({count})" for word, count in words)
+        )
+        lines.append("")
+    if sample:
+        lines += ["Some training captions:", "", "```text"]
+        lines += [caption.replace("```", "'''") for caption in sample]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _settings(facts: LoraFacts) -> str:
+    task, train = facts.task, facts.task.train_args
+    alpha, rank = task.lora_alpha, task.lora.rank
+    rows = [
+        ("base model", f"`{task.model.name}` (revision `{task.model.revision}`)"),
+        ("family", facts.family.name),
+        ("LoRA rank", str(rank)),
+        ("LoRA alpha", f"{alpha:g} (scale alpha/rank = {alpha / rank:g})"),
+        ("target modules", ", ".join(f"`{m}`" for m in _as_list(task.target_modules))),
+        ("steps", str(facts.steps)),
+        ("learning rate", f"{train.learning_rate:g} ({train.lr_scheduler.lr_scheduler})"),
+        ("batch size", f"{train.batch_size} x {train.gradient_accumulation_steps} accumulation"),
+        ("resolution", f"{train.resolution}x{train.resolution}"),
+        ("prediction type", facts.prediction_type),
+        ("seed", str(task.seed)),
+        ("precision", task.mixed_precision),
+        ("dataset hash", f"`{facts.dataset_hash}`"),
+    ]
+    lines = ["## Training settings", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join([*lines, ""])
+
+
+def _validation(files: CardFiles) -> str:
+    if not files.validation_images:
+        return ""
+    lines = ["## Validation images", ""]
+    lines += [f"![validation image {i}]({path})" for i, path in enumerate(files.validation_images)]
+    return "\n".join([*lines, ""])
+
+
+def _files(files: CardFiles) -> str:
+    lines = ["## Files", ""]
+    if files.diffusers:
+        lines.append(f"- `{files.diffusers}`: diffusers / PEFT format (for `load_lora_weights`).")
+    if files.kohya:
+        lines.append(
+            f"- `{files.kohya}`: kohya format (ComfyUI, AUTOMATIC1111 / Forge, InvokeAI)."
+        )
+    lines.append("- `task.json`: the task definition this LoRA was trained from.")
+    lines.append("- `run_summary.json`: what the training run did.")
+    if files.metrics:
+        lines.append(f"- `{files.metrics}`: training metrics.")
+    return "\n".join([*lines, ""])
+
+
+def _usage(facts: LoraFacts, files: CardFiles) -> str:
+    lines = ["## How to use", ""]
+    weight = files.diffusers or files.kohya
+    base = facts.task.model.name if _is_hub_id(facts.task.model.name) else "<base model>"
+    lines += [
+        "### diffusers",
+        "",
+        "```python",
+        "from diffusers import AutoPipelineForText2Image",
+        "",
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
+        f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weight}")',
+        "```",
+        "",
+        "### loraflow",
+        "",
+        "```sh",
+        f"loraflow generate --model {facts.task.model.name} --lora {weight} "
+        '--prompt "<prompt>" --seed 0',
+        "```",
+        "",
+    ]
+    if files.kohya:
+        stem = files.kohya.removesuffix(".safetensors")
+        lines += [
+            "### ComfyUI",
+            "",
+            f"Copy `{files.kohya}` to `ComfyUI/models/loras/` and pick it in a "
+            "`LoraLoader` node between the checkpoint loader and the sampler.",
+            "",
+            "### AUTOMATIC1111 / Forge",
+            "",
+            f"Copy `{files.kohya}` to `models/Lora/` and add `<lora:{stem}:1>` to the prompt.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _as_list(value: list[str] | str) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _is_hub_id(name: str) -> bool:
+    """owner/name, not a local path and not one of loraflow's embedded tiny models."""
+    return bool(_HUB_ID.match(name)) and not name.startswith("loraflow/")

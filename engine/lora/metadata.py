@@ -1,0 +1,238 @@
+"""The safetensors header ``__metadata__`` of a published LoRA file.
+
+Tools show what a LoRA is from its header, never from a side file: kohya's ``ss_*`` keys
+(A1111, Civitai, the additional-networks extension), Stability's ``modelspec.*`` keys
+(ComfyUI, SwarmUI, InvokeAI) and ``sshs_model_hash``, the sha256 of the tensor data that
+A1111/Civitai use to identify a file. Values are all strings (the safetensors format
+allows nothing else). Everything here is derived from the task and the run, never from
+the clock, so publishing the same checkpoint twice writes the same bytes.
+
+``modelspec.implementation`` names the codebase whose key names the file uses: the
+diffusers file says ``https://github.com/huggingface/diffusers`` (PEFT keys), the kohya
+file ``https://github.com/kohya-ss/sd-scripts`` (its ``networks.lora`` key scheme, which
+ComfyUI and A1111 read). The spec only asks that the string be stable per format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+from safetensors.torch import save
+
+from engine.model.family import Family
+from engine.task.definition import TaskDefinition
+
+FileFormat = Literal["diffusers", "kohya"]
+
+IMPLEMENTATIONS: dict[str, str] = {
+    "diffusers": "https://github.com/huggingface/diffusers",
+    "kohya": "https://github.com/kohya-ss/sd-scripts",
+}
+MODELSPEC_VERSION = "1.0.0"
+HASH_KEY = "sshs_model_hash"
+MODELSPEC_HASH_KEY = "modelspec.hash_sha256"
+
+
+@dataclass(frozen=True)
+class LoraFacts:
+    """What the header says about a trained LoRA; all of it fixed once training ends."""
+
+    task: TaskDefinition
+    family: Family
+    title: str
+    steps: int
+    dataset_hash: str
+    started_at: str | float | None = None  # ISO-8601 text or unix seconds
+    finished_at: str | float | None = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.task.train_args.prediction_type or self.family.default_prediction_type
+
+
+# -- the task, without secrets --------------------------------------------------------
+
+
+def strip_url_secrets(url: str) -> str:
+    """The URL without ``user:password@``, query and fragment (where signed tokens live)."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
+    """The validated task as plain JSON data, with every URL stripped of credentials.
+
+    A task names its dataset (and possibly a checkpoint) by URL; a presigned or
+    ``user:pass@`` URL would leak access if it travelled inside a shared LoRA file.
+    """
+    data = task.model_dump(mode="json")
+    if data["dataset"].get("url"):
+        data["dataset"]["url"] = strip_url_secrets(data["dataset"]["url"])
+    if data.get("checkpoint"):
+        data["checkpoint"] = strip_url_secrets(data["checkpoint"])
+    return data
+
+
+def task_json(task: TaskDefinition) -> str:
+    """Compact, key-sorted JSON of :func:`public_task_dict` (stable bytes)."""
+    return json.dumps(public_task_dict(task), sort_keys=True, separators=(",", ":"))
+
+
+# -- the keys -------------------------------------------------------------------------
+
+
+def kohya_metadata(facts: LoraFacts) -> dict[str, str]:
+    """kohya sd-scripts' training keys, as A1111 and Civitai display them."""
+    task, train = facts.task, facts.task.train_args
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(task.lora.rank),
+        "ss_network_alpha": _number(task.lora_alpha),
+        "ss_base_model_version": facts.family.kohya_base_model_version,
+        "ss_v2": str(facts.family.name == "sd2"),
+        "ss_sd_model_name": task.model.name,
+        "ss_resolution": f"({train.resolution}, {train.resolution})",
+        "ss_steps": str(facts.steps),
+        "ss_max_train_steps": str(facts.steps),
+        "ss_learning_rate": _number(train.learning_rate),
+        "ss_lr_scheduler": train.lr_scheduler.lr_scheduler,
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_mixed_precision": task.mixed_precision,
+        "ss_seed": str(task.seed),
+        "ss_noise_offset": _number(train.noise_offset),
+        "ss_dataset_hash": facts.dataset_hash,
+    }
+    if train.snr_gamma is not None:
+        meta["ss_min_snr_gamma"] = _number(train.snr_gamma)
+    if facts.started_at is not None:
+        meta["ss_training_started_at"] = _unix_seconds(facts.started_at)
+    if facts.finished_at is not None:
+        meta["ss_training_finished_at"] = _unix_seconds(facts.finished_at)
+    return meta
+
+
+def modelspec_metadata(facts: LoraFacts, file_format: FileFormat) -> dict[str, str]:
+    """Stability's model-spec keys (architecture, implementation, title, ...)."""
+    size = facts.task.train_args.resolution
+    meta = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": facts.family.modelspec_architecture,
+        "modelspec.implementation": IMPLEMENTATIONS[file_format],
+        "modelspec.title": facts.title,
+        "modelspec.resolution": f"{size}x{size}",
+        # the spec's values are "v" and "epsilon"
+        "modelspec.prediction_type": "v" if facts.prediction_type == "v_prediction" else "epsilon",
+    }
+    when = facts.finished_at if facts.finished_at is not None else facts.started_at
+    if when is not None:
+        meta["modelspec.date"] = _iso_date(when)
+    return meta
+
+
+def lora_metadata(facts: LoraFacts, file_format: FileFormat) -> dict[str, str]:
+    """The header of one published file: kohya + modelspec keys + the task (no hash yet)."""
+    return {
+        **kohya_metadata(facts),
+        **modelspec_metadata(facts, file_format),
+        "loraflow_task": task_json(facts.task),
+    }
+
+
+# -- hashing and writing --------------------------------------------------------------
+
+
+def tensor_data_hash(file_bytes: bytes) -> str:
+    """sha256 (hex) of a safetensors file's tensor data: every byte after the header.
+
+    A safetensors file is ``<u64 little-endian header length N><N header bytes><data>``;
+    the header holds the metadata, so this hash is the same whatever the metadata says
+    and can be computed before it is written into that header (kohya's addnet hash).
+    """
+    return hashlib.sha256(file_bytes[_data_offset(file_bytes):]).hexdigest()
+
+
+def read_metadata(file_bytes: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
+    header = json.loads(file_bytes[8 : _data_offset(file_bytes)])
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file: the header is not a JSON object")
+    return dict(header.get("__metadata__") or {})
+
+
+def _data_offset(file_bytes: bytes) -> int:
+    """Where the tensor data starts: after the 8-byte length and the JSON header."""
+    if len(file_bytes) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (header_length,) = struct.unpack("<Q", file_bytes[:8])
+    start = 8 + header_length
+    if start > len(file_bytes):
+        raise ValueError("not a safetensors file: header length past the end of the file")
+    return start
+
+
+def write_lora_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors`` with ``metadata`` plus the data hash keys.
+
+    safetensors lays out the tensor data itself (ordered by dtype and name), then the
+    header is rewritten with sorted keys: the library writes its metadata map in hash
+    order, which differs between runs, and a republished file must be the same bytes.
+    The hash covers the data only, so it is computed first and then put in the header.
+    """
+    plain = {k: str(v) for k, v in metadata.items() if k not in (HASH_KEY, MODELSPEC_HASH_KEY)}
+    serialised = save(dict(tensors), metadata=plain)
+    digest = tensor_data_hash(serialised)
+    hashes = {HASH_KEY: digest, MODELSPEC_HASH_KEY: f"0x{digest}"}
+    return _with_header_metadata(serialised, {**plain, **hashes})
+
+
+def _with_header_metadata(file_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
+    """The file with its ``__metadata__`` replaced and the header JSON in a canonical form.
+
+    Tensor ``data_offsets`` count from the start of the data, so a new header length
+    leaves them valid. The header is padded with spaces to a multiple of 8 bytes, which
+    keeps the data 8-byte aligned as safetensors itself does.
+    """
+    start = _data_offset(file_bytes)
+    header = json.loads(file_bytes[8:start])
+    header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + file_bytes[start:]
+
+
+# -- formatting -----------------------------------------------------------------------
+
+
+def _number(value: float) -> str:
+    """2.0 -> "2.0", 0.0001 -> "0.0001": Python's shortest round-trip text."""
+    return repr(float(value))
+
+
+def _as_datetime(value: str | float) -> datetime:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _unix_seconds(value: str | float) -> str:
+    """kohya writes these as unix seconds (``str(time.time())``); so do we."""
+    return repr(_as_datetime(value).timestamp())
+
+
+def _iso_date(value: str | float) -> str:
+    return _as_datetime(value).date().isoformat()

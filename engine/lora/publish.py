@@ -1,0 +1,198 @@
+"""Publish a finished training: the LoRA files users load, with their card, under ``lora/``.
+
+From the last committed checkpoint's ``pytorch_lora_weights.safetensors`` this writes
+``<output>/lora/``:
+
+* ``pytorch_lora_weights.safetensors``: the diffusers file, tensors and diffusers' own
+  ``lora_adapter_metadata`` unchanged (diffusers needs it to load alpha != rank at the
+  right strength), plus the kohya / model-spec / hash keys;
+* ``loraflow_<slug>.safetensors``: the kohya file for ComfyUI and A1111, true alpha;
+* ``README.md`` (model card), ``task.json`` (validated task, URLs without secrets),
+  ``run_summary.json``, ``validation/*.png`` and the metrics file when given.
+
+Publishing is a pure function of its inputs (dates come from the run summary, never
+from the clock), so running it again after a crash rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from safetensors.torch import load as load_tensors
+
+from engine.lora.card import CardFiles, render_model_card
+from engine.lora.formats import alphas_from_adapter_metadata, diffusers_to_kohya
+from engine.lora.metadata import (
+    LoraFacts,
+    lora_metadata,
+    public_task_dict,
+    read_metadata,
+    write_lora_file,
+)
+from engine.lora.weights import LORA_FILE
+from engine.model.family import Family
+from engine.store import storage
+from engine.store.commit import read_checkpoint
+from engine.task.definition import TaskDefinition
+
+LORA_DIR = "lora"
+KOHYA_PREFIX = "loraflow_"
+
+
+def slug(text: str, max_length: int = 64) -> str:
+    """A file-name-safe lowercase slug ("My run/v2" -> "my_run_v2"); "lora" if empty."""
+    cleaned = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return cleaned[:max_length].strip("_") or "lora"
+
+
+def kohya_file_name(task: TaskDefinition, run_summary: Mapping[str, Any]) -> str:
+    """``loraflow_<run name or model name>.safetensors``: the name A1111 prompts use."""
+    name = run_summary.get("run_name") or task.model.name.rsplit("/", 1)[-1]
+    return f"{KOHYA_PREFIX}{slug(str(name))}.safetensors"
+
+
+def publish_lora(
+    checkpoint_url: str,
+    task: TaskDefinition,
+    output_url: str,
+    *,
+    dataset_hash: str,
+    captions: list[str],
+    validation_images: list[str],
+    metrics_url: str | None,
+    run_summary: dict,
+    family: Family | None = None,
+) -> dict[str, Any]:
+    """Write ``output_url``/lora/ from the committed checkpoint; return the URLs written.
+
+    ``run_summary`` is stored as ``run_summary.json``; its ``run_name`` names the kohya
+    file and the card, its ``started_at``/``finished_at`` (ISO-8601 or unix seconds)
+    date the files. ``family`` is read from the model's configs when not given.
+    """
+    loaded = read_checkpoint(checkpoint_url)
+    source = loaded.files[LORA_FILE]
+    family = family or _model_family(task)
+    facts = LoraFacts(
+        task=task,
+        family=family,
+        title=str(run_summary.get("run_name") or f"loraflow LoRA for {task.model.name}"),
+        steps=loaded.global_step,
+        dataset_hash=dataset_hash,
+        started_at=run_summary.get("started_at"),
+        finished_at=run_summary.get("finished_at"),
+    )
+    lora_dir = storage.join(output_url, LORA_DIR)
+    weights = _weight_files(source, facts, kohya_file_name(task, run_summary))
+    _remove_stale_weights(lora_dir, keep=set(weights))
+    published: dict[str, Any] = {"lora_dir": lora_dir, "diffusers": None, "kohya": None}
+    for name, data in weights.items():
+        url = storage.join(lora_dir, name)
+        storage.write_bytes(url, data)
+        published["diffusers" if name == LORA_FILE else "kohya"] = url
+
+    images = _copy_validation_images(validation_images, lora_dir)
+    metrics_name = _copy_metrics(metrics_url, lora_dir)
+    card_files = CardFiles(
+        diffusers=LORA_FILE if LORA_FILE in weights else None,
+        kohya=next((n for n in weights if n != LORA_FILE), None),
+        validation_images=[f"validation/{storage.basename(u)}" for u in images],
+        metrics=metrics_name,
+    )
+    texts = {
+        "task.json": _json_text(public_task_dict(task)),
+        "run_summary.json": _json_text(_redacted(run_summary)),
+        "README.md": render_model_card(facts, card_files, captions),
+    }
+    for name, text in texts.items():
+        storage.write_bytes(storage.join(lora_dir, name), text.encode("utf-8"))
+    published.update(
+        readme=storage.join(lora_dir, "README.md"),
+        task=storage.join(lora_dir, "task.json"),
+        run_summary=storage.join(lora_dir, "run_summary.json"),
+        validation=images,
+        metrics=storage.join(lora_dir, metrics_name) if metrics_name else None,
+    )
+    return published
+
+
+# -- the weight files -----------------------------------------------------------------
+
+
+def _weight_files(source: bytes, facts: LoraFacts, kohya_name: str) -> dict[str, bytes]:
+    """{file name: bytes} for each format in ``task.output.lora_formats``."""
+    tensors = load_tensors(source)
+    source_meta = read_metadata(source)
+    files: dict[str, bytes] = {}
+    for fmt in dict.fromkeys(facts.task.output.lora_formats):
+        if fmt == "diffusers":
+            meta = {**source_meta, **lora_metadata(facts, "diffusers")}
+            files[LORA_FILE] = write_lora_file(tensors, meta)
+        else:
+            alphas = _alphas(facts.task, source_meta)
+            kohya = diffusers_to_kohya(tensors, facts.family.name, alphas)
+            files[kohya_name] = write_lora_file(kohya, lora_metadata(facts, "kohya"))
+    return files
+
+
+def _alphas(task: TaskDefinition, source_meta: Mapping[str, str]) -> dict[str, float]:
+    """Per-component alpha: the file's adapter config (what diffusers loads), else the task's."""
+    alphas = dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), task.lora_alpha)
+    alphas.update(alphas_from_adapter_metadata(source_meta))
+    return alphas
+
+
+def _remove_stale_weights(lora_dir: str, keep: set[str]) -> None:
+    """Drop weight files of formats no longer asked for, so the folder matches the task."""
+    for name in storage.list_files(lora_dir):
+        if "/" not in name and name.endswith(".safetensors") and name not in keep:
+            storage.remove(storage.join(lora_dir, name))
+
+
+# -- the other files ------------------------------------------------------------------
+
+
+def _copy_validation_images(urls: list[str], lora_dir: str) -> list[str]:
+    """Copy the PNGs to lora/validation/ (names kept, de-duplicated); return new URLs."""
+    copied = []
+    used: set[str] = set()
+    for i, url in enumerate(urls):
+        name = storage.basename(url)
+        if name in used:
+            name = f"{i:02d}_{name}"
+        used.add(name)
+        target = storage.join(lora_dir, "validation", name)
+        storage.write_bytes(target, storage.read_bytes(url))
+        copied.append(target)
+    return copied
+
+
+def _copy_metrics(metrics_url: str | None, lora_dir: str) -> str | None:
+    if not metrics_url:
+        return None
+    name = storage.basename(metrics_url)
+    storage.write_bytes(storage.join(lora_dir, name), storage.read_bytes(metrics_url))
+    return name
+
+
+def _model_family(task: TaskDefinition) -> Family:
+    from engine.model.loading import inspect_model
+
+    return inspect_model(task.model)[1]
+
+
+def _redacted(value: Any) -> Any:
+    """Every string passed through :func:`storage.redact` (summaries hold URLs)."""
+    if isinstance(value, str):
+        return storage.redact(value)
+    if isinstance(value, Mapping):
+        return {str(k): _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"

@@ -1,0 +1,117 @@
+"""The LoRA weights file: written by diffusers' own writer, read back bit for bit.
+
+The checkpoint's ``pytorch_lora_weights.safetensors`` is what a user loads with
+``pipe.load_lora_weights``, and it is also what a resumed segment restores the adapter
+from (the public Crynux implementation forgets that step and restarts the adapter each
+segment). Writing it through ``save_lora_weights`` keeps the keys and the adapter
+metadata (rank, alpha, targets) exactly as diffusers expects them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_tensors
+
+from engine.errors import LoraflowError
+from engine.store.safetensors_io import dump, read_metadata
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class LoraFileError(LoraflowError):
+    """A LoRA file does not fit the adapter it should restore."""
+
+
+_CLIP_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
+
+
+def _param_key(name: str, prefix: str) -> str:
+    """Parameter name in the adapted module -> key in the diffusers file."""
+    return standard_key(f"{prefix}.{name.replace('.default.', '.')}")
+
+
+def standard_key(key: str) -> str:
+    """Text-encoder keys in the form every diffusers version reads.
+
+    transformers 5 names CLIP modules without the ``text_model.`` level, so diffusers
+    writes ``text_encoder.encoder.layers...``; files in the wild (and diffusers with
+    transformers 4) use ``text_encoder.text_model.encoder.layers...``. diffusers 0.42
+    reads both, older versions only the second: so the file gets the second.
+    """
+    prefix, _, rest = key.partition(".")
+    if prefix.startswith("text_encoder") and rest.startswith(_CLIP_TOP):
+        return f"{prefix}.text_model.{rest}"
+    return key
+
+
+def lora_file_bytes(
+    pipeline_class: Any, unet: Any, text_encoders: dict[str, Any] | None = None
+) -> bytes:
+    """The diffusers-format LoRA file of the adapted UNet (and text encoders), as bytes."""
+    from peft.utils import get_peft_model_state_dict
+
+    kwargs: dict[str, Any] = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "unet_lora_adapter_metadata": _stable_config(unet),
+    }
+    for prefix, encoder in (text_encoders or {}).items():
+        kwargs[f"{prefix}_lora_layers"] = get_peft_model_state_dict(encoder)
+        kwargs[f"{prefix}_lora_adapter_metadata"] = _stable_config(encoder)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # peft looks for a tokenizer config to see if the vocabulary changed; we never change it
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        written = (Path(tmp) / LORA_FILE).read_bytes()
+    tensors = {standard_key(k): v for k, v in load_tensors(written).items()}
+    return dump(tensors, read_metadata(written))
+
+
+def _stable_config(module: Any) -> dict[str, Any]:
+    """The adapter config with sets as sorted lists.
+
+    peft keeps target_modules as a set, whose order depends on the process's string hash
+    seed; written as is, two processes would write different bytes for the same LoRA.
+    """
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
+def restore_lora(data: bytes, modules: dict[str, Any]) -> None:
+    """Copy the file's tensors into the adapters of ``modules`` ({"unet": unet, ...}).
+
+    Every LoRA parameter must be in the file with the same shape, and the file must have
+    nothing else: a rank or target change is refused instead of half-loaded.
+    """
+    tensors = load_tensors(data)
+    expected: dict[str, torch.nn.Parameter] = {}
+    for prefix, module in modules.items():
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                expected[_param_key(name, prefix)] = param
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise LoraFileError(
+            "LoRA weights do not fit this task's adapter "
+            f"({len(missing)} missing, {len(extra)} unexpected; e.g. "
+            f"{(missing or extra)[0]}): was rank or target_modules changed?"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tensors[key].shape != param.shape:
+                raise LoraFileError(
+                    f"LoRA weight {key} has shape {tuple(tensors[key].shape)}, the adapter "
+                    f"expects {tuple(param.shape)}: was lora.rank changed?"
+                )
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,1 @@
+"""Base models: family detection, loading, and the embedded tiny models."""

@@ -1,0 +1,242 @@
+"""Load the frozen base model and put a LoRA adapter on its UNet.
+
+Components load through ``from_pretrained(name, subfolder=..., variant=..., revision=...)``,
+the same path for a Hub ID, a local folder, and loraflow's embedded tiny models (built to
+a local folder first). Weights load from safetensors only: a pickle file from the network
+is never unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.errors import ConfigurationError, LoraflowError
+from engine.model.family import Family, detect_family
+from engine.task.definition import DEFAULT_TEXT_TARGET_MODULES, ModelArgs, TaskDefinition
+from engine.train.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(LoraflowError):
+    """The base model could not be found or read."""
+
+
+def training_device() -> torch.device:
+    """CUDA when present; ``LORAFLOW_DEVICE`` overrides (e.g. ``cpu`` on a GPU host)."""
+    wanted = os.environ.get("LORAFLOW_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen weights; fp16 on a CPU is refused rather than faked."""
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigurationError(
+            "mixed_precision 'fp16' needs a GPU: CPUs have no fast fp16 kernels and fp16 "
+            "training on them is unstable. Use 'bf16' or 'no' on a CPU."
+        )
+    return _DTYPES[mixed_precision]
+
+
+def resolve_model_location(model: ModelArgs) -> str:
+    """A Hub ID or local path; embedded ``loraflow/tiny-*`` ids are built locally first."""
+    from engine.model.embedded.registry import resolve_model
+
+    return resolve_model(model.name)
+
+
+def _load_config(loader: Any, location: str, model: ModelArgs, subfolder: str | None) -> dict:
+    try:
+        kwargs = {"revision": model.revision}
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        return dict(loader.load_config(location, **kwargs))
+    except (OSError, ValueError) as exc:
+        where = f"{subfolder}/ of " if subfolder else ""
+        raise ModelLoadError(
+            f"cannot read {where}model {model.name!r} (revision {model.revision!r}): {exc}"
+        ) from None
+
+
+def inspect_model(model: ModelArgs) -> tuple[str, Family]:
+    """Find the model and read its family from model_index.json and configs (no weights)."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    location = resolve_model_location(model)
+    index = _load_config(DiffusionPipeline, location, model, None)
+    detect_family(index, {}, {})  # refuse SD3, Flux, ... before looking for a unet/
+    unet_config = _load_config(UNet2DConditionModel, location, model, "unet")
+    scheduler_config = _load_config(DDPMScheduler, location, model, "scheduler")
+    return location, detect_family(index, unet_config, scheduler_config)
+
+
+@dataclass
+class BaseModel:
+    """The frozen parts of a model, on one device in one dtype."""
+
+    location: str
+    family: Family
+    device: torch.device
+    dtype: torch.dtype
+    unet: Any
+    noise_scheduler: Any
+    vae: Any = None
+    tokenizers: list[Any] = field(default_factory=list)
+    text_encoders: list[Any] = field(default_factory=list)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def load_base_model(
+    task: TaskDefinition, device: torch.device, *, with_vae: bool = True, with_text: bool = True
+) -> BaseModel:
+    """Load the UNet (on CPU, so the adapter is initialised by a CPU RNG) and the rest."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    location, family = inspect_model(task.model)
+    dtype = weight_dtype(task.mixed_precision, device)
+    common = {"revision": task.model.revision, "variant": task.model.variant}
+
+    def load(cls: Any, subfolder: str, **extra: Any) -> Any:
+        try:
+            return cls.from_pretrained(
+                location, subfolder=subfolder, use_safetensors=True, **common, **extra
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"cannot load {subfolder}/ of model {task.model.name!r} "
+                f"(variant {task.model.variant!r}): {exc}"
+            ) from None
+
+    unet = load(UNet2DConditionModel, "unet", torch_dtype=dtype)
+    unet.requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(
+        location, subfolder="scheduler", revision=task.model.revision
+    )
+    base = BaseModel(location, family, device, dtype, unet, scheduler)
+    if with_vae:
+        base.vae = load_vae(task, location, dtype, load).to(device).eval()
+        base.vae.requires_grad_(False)
+    if with_text:
+        for i, (tok_dir, enc_dir) in enumerate(family.text_encoders):
+            base.tokenizers.append(
+                AutoTokenizer.from_pretrained(location, subfolder=tok_dir, revision=task.model.revision)
+            )
+            cls = CLIPTextModelWithProjection if (family.is_sdxl and i == 1) else CLIPTextModel
+            encoder = load(cls, enc_dir, dtype=dtype).to(device).eval()
+            encoder.requires_grad_(False)
+            base.text_encoders.append(encoder)
+    return base
+
+
+def load_vae(task: TaskDefinition, location: str, dtype: torch.dtype, load: Any) -> Any:
+    """The model's VAE, or the one ``model.vae`` names.
+
+    The SD and SDXL VAEs overflow in fp16 (NaN latents), so under fp16 training the
+    model's own VAE runs in fp32; a VAE named by the user (e.g. a fixed SDXL VAE) is
+    trusted to be fp16-safe and runs in the training dtype.
+    """
+    from diffusers import AutoencoderKL
+
+    if task.model.vae is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        return load(AutoencoderKL, "vae", torch_dtype=vae_dtype)
+    from engine.model.embedded.registry import resolve_model
+
+    try:
+        return AutoencoderKL.from_pretrained(
+            resolve_model(task.model.vae), torch_dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the VAE {task.model.vae!r} (model.vae): {exc}") from None
+
+
+# -- the adapter ----------------------------------------------------------------------
+
+
+def lora_config(task: TaskDefinition) -> Any:
+    from peft import LoraConfig
+
+    init = task.lora.init_lora_weights
+    return LoraConfig(
+        r=task.lora.rank,
+        lora_alpha=task.lora_alpha,
+        init_lora_weights=init,
+        target_modules=task.target_modules,
+    )
+
+
+def text_lora_config(task: TaskDefinition) -> Any:
+    from peft import LoraConfig
+
+    te = task.lora.text_encoder
+    assert te is not None
+    return LoraConfig(
+        r=te.rank,
+        lora_alpha=te.alpha if te.alpha is not None else float(te.rank),
+        init_lora_weights=task.lora.init_lora_weights,
+        target_modules=te.target_modules or list(DEFAULT_TEXT_TARGET_MODULES),
+    )
+
+
+def _attach(module: Any, config: Any, seed: int, index: int, what: str, pointer: str) -> None:
+    """Attach an adapter with weights drawn from a generator seeded by (seed, index).
+
+    peft draws from the global RNG, so it runs inside a forked, seeded RNG: the
+    initial adapter depends on the task seed only, and no global state leaks out.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "lora_init", index))
+        try:
+            module.add_adapter(config)
+        except ValueError as exc:
+            if "not found" in str(exc) or "Target modules" in str(exc):
+                raise ConfigurationError(
+                    f"{pointer} {config.target_modules!r} matches no module of the {what}: {exc}"
+                ) from None
+            raise
+    for param in lora_parameters(module).values():
+        param.data = param.data.float()  # trainable weights in fp32 whatever the base dtype
+
+
+def add_lora_adapters(base: BaseModel, task: TaskDefinition) -> dict[str, Any]:
+    """Adapters on the UNet (and text encoders when asked); returns {prefix: module}.
+
+    The prefixes are the diffusers LoRA file's: unet, text_encoder, text_encoder_2.
+    """
+    _attach(base.unet, lora_config(task), task.seed, 0, "UNet", "lora.target_modules")
+    adapted = {"unet": base.unet}
+    if task.lora.text_encoder is not None:
+        for i, encoder in enumerate(base.text_encoders):
+            _attach(encoder.cpu(), text_lora_config(task), task.seed, i + 1, "text encoder",
+                    "lora.text_encoder.target_modules")
+            encoder.to(base.device)
+            adapted["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+    return adapted
+
+
+def lora_parameters(module: Any) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters by name, in a stable (sorted) order."""
+    params = {n: p for n, p in module.named_parameters() if "lora_" in n}
+    for param in params.values():
+        param.requires_grad_(True)
+    return dict(sorted(params.items()))
+
+
+def adapted_module_names(module: Any) -> list[str]:
+    """Names of the modules that carry a LoRA (for logs, metadata and checks)."""
+    pattern = re.compile(r"\.lora_A\.")
+    return sorted({pattern.split(n)[0] for n, _ in module.named_parameters() if ".lora_A." in n})

@@ -1,0 +1,1 @@
+"""The task definition: the pydantic model, its validation, version migration and JSON Schema."""

@@ -1,0 +1,1 @@
+"""Training: segment orchestration, trainer and step, plan, clock, samples, loss, resume, cache."""

@@ -1,0 +1,113 @@
+"""Optimizer, learning-rate schedule and counters: saved and restored exactly.
+
+Everything is stored as safetensors (tensors) or JSON (numbers), never pickle, so a
+checkpoint from an untrusted worker cannot run code when it is read. Optimizer moments
+are keyed by LoRA parameter *name*, not position, so a reader notices a changed adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+
+from engine.errors import LoraflowError
+from engine.store.safetensors_io import dump
+from engine.task.definition import TaskDefinition
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "training_state.json"
+
+
+class StateMismatchError(LoraflowError):
+    """A checkpoint's training state does not fit this task."""
+
+
+def training_identity(task: TaskDefinition, dataset_hash: str) -> dict[str, Any]:
+    """The parts of a task that decide the training's result.
+
+    Per-segment settings (steps or epochs of this segment, budget, checkpoint, workers,
+    validation, output formats, cache mode) are left out: they may differ between
+    segments without changing the result.
+    """
+    ta = task.train_args.model_dump(
+        exclude={"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
+                 "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
+    )
+    return {
+        "model": task.model.model_dump(),
+        "dataset": {**task.dataset.model_dump(), "content_hash": dataset_hash},
+        "train_args": ta,
+        "lora": {**task.lora.model_dump(exclude={"alpha"}), "alpha": task.lora_alpha},
+        "transforms": task.transforms.model_dump(),
+        "mixed_precision": task.mixed_precision,
+        "seed": task.seed,
+    }
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any], path: str = "") -> list[str]:
+    """JSON pointers where two identities differ, for an error a person can act on."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        where = f"{path}/{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_differences(a, b, where)
+        elif a != b:
+            out.append(f"{where}: checkpoint has {json.dumps(a)}, task has {json.dumps(b)}")
+    return out
+
+
+# -- optimizer -------------------------------------------------------------------------
+
+
+def optimizer_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[bytes, dict]:
+    """(safetensors bytes of the moments, JSON-able param groups)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"{names[index]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[i] for i in g["params"]]}
+        for g in state["param_groups"]
+    ]
+    return dump(tensors), {"param_groups": groups, "param_names": names}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, names: list[str], data: bytes, saved: dict
+) -> None:
+    if saved["param_names"] != names:
+        raise StateMismatchError(
+            "optimizer state in the checkpoint belongs to a different set of LoRA weights"
+        )
+    tensors = load_tensors(data)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.split("::")
+        state.setdefault(names.index(name), {})[field] = value
+    groups = [
+        {**{k: v for k, v in g.items() if k != "param_names"},
+         "params": [names.index(n) for n in g["param_names"]]}
+        for g in saved["param_groups"]
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- learning-rate schedule and grad scaler ----------------------------------------------
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
+    scheduler.load_state_dict({**scheduler.state_dict(), **saved})

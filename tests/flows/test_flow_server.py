@@ -1,0 +1,178 @@
+"""The pipeline against a real ``prefect server start``, with segments on served workers.
+
+A Prefect server runs in a subprocess (its own temp PREFECT_HOME and SQLite database).
+Two ``loraflow serve-segments`` processes play two GPU machines serving the
+``finetune-segment/gpu`` deployment. A ``finetune`` run in a third process hands each
+segment to whichever worker is free (``segment_deployment``). Afterwards Prefect's
+client must show what a person would look at in the UI: the completed run, its task
+runs named ``segment-N steps a-b``, one ``finetune-segment`` flow run per segment, and
+the artifacts. The LoRA must equal the engine's single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.flow import (
+    artifacts,
+    assert_same_lora,
+    flow_task,
+    lora_bytes,
+    python_command,
+    subprocess_env,
+    task_runs,
+    wait_for,
+)
+
+pytest_plugins = ["tests.support.flow_fixtures"]
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process group we started (server and its children), then SIGKILL."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port; yields the API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = subprocess_env(PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _healthy(url), 120, "the Prefect server to answer /health", process)
+        yield url
+    finally:
+        _stop(process)
+        log.close()
+
+
+@pytest.fixture
+def segment_workers(prefect_server: str, tmp_path: Path) -> Iterator[list[subprocess.Popen]]:
+    """Two ``loraflow serve-segments`` processes serving ``finetune-segment/gpu``."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = subprocess_env(PREFECT_API_URL=prefect_server, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    workers = []
+    for name in ("a", "b"):
+        log = tmp_path / f"worker-{name}.log"
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve-segments", "--name", "gpu"],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+
+    def deployment_ready() -> bool:
+        with temporary_settings({PREFECT_API_URL: prefect_server}), \
+                get_client(sync_client=True) as client:
+            try:
+                client.read_deployment_by_name("finetune-segment/gpu")
+            except Exception:  # noqa: BLE001 - not registered yet
+                return False
+            return True
+
+    try:
+        wait_for(deployment_ready, 120, "the segment workers to serve", workers[0])
+        yield workers
+    finally:
+        for worker in workers:
+            _stop(worker)
+
+
+ORCHESTRATOR = """
+import json, sys
+from engine.task.validation import validate_document
+from flows.finetune import finetune
+
+task = validate_document(json.loads(sys.argv[1]))
+state = finetune.with_options(flow_run_name=sys.argv[2])(
+    task=task, output_dir=sys.argv[3], segment_deployment="finetune-segment/gpu",
+    return_state=True,
+)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+def test_segments_run_on_served_workers(
+    prefect_server: str, segment_workers: list, reference_run: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*python_command(ORCHESTRATOR), flow_task().model_dump_json(), "distributed", str(out)],
+        env=subprocess_env(PREFECT_API_URL=prefect_server), capture_output=True, text=True,
+        timeout=360,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_lora(lora_bytes(str(out / "segments" / "0002" / "checkpoint")),
+                     reference_run["lora"])
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["distributed"])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=5,
+            )
+            segment_runs = [
+                r for r in client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                                                 limit=50)
+                if r.flow_id != run.flow_id
+            ]
+        assert run.state.is_completed()
+        names = {r.name: r for r in task_runs(run.id)}
+        for expected in ("segment-0 steps 0-2", "segment-1 steps 2-4", "segment-2 steps 4-6"):
+            assert names[expected].state.is_completed(), expected
+        # one finetune-segment flow run per segment, each a subflow of the finetune run
+        # (run_deployment links it through a task run of its own in the parent run)
+        assert len(segment_runs) == 3 and all(r.state.is_completed() for r in segment_runs)
+        parent_task_runs = {t.id for t in task_runs(run.id)}
+        assert {r.parent_task_run_id for r in segment_runs} <= parent_task_runs
+        kinds = {a.type for a in artifacts(run.id)}
+        assert {"progress", "table", "markdown"} <= kinds, kinds
