@@ -73,12 +73,18 @@ def lora_file_bytes(
 
 
 def _stable_config(module: Any) -> dict[str, Any]:
-    """The adapter config with sets as sorted lists.
+    """The adapter config with sets as sorted lists and no local path.
 
     peft keeps target_modules as a set, whose order depends on the process's string hash
     seed; written as is, two processes would write different bytes for the same LoRA.
+    peft also records the wrapped model's ``name_or_path``: for a text encoder loaded from
+    a folder that is a local path (``$LORAFLOW_HOME/embedded/...``, a user's home), which
+    would leak into every published file and make the same training on two machines give
+    different bytes. diffusers does not need it to load the adapter, so it is dropped
+    (set to null, as the UNet's config already has it).
     """
     config = module.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = None
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
