@@ -50,7 +50,7 @@ import jsonschema  # noqa: E402
 from engine.task.validation import MAX_DOCUMENT_BYTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = ROOT / "engine" / "schema" / "finetune-task.schema.json"
+SCHEMA_PATH = ROOT / "engine" / "task" / "schema" / "finetune-task.schema.json"
 BASE_DOCUMENTS = [
     ROOT / "examples" / "quickstart.json",
     ROOT / "examples" / "sd15-naruto.json",
