@@ -12,13 +12,16 @@ from these classes by :func:`task_json_schema`; a test keeps the two in step.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Task format versions this build understands, oldest first. The last is current.
-KNOWN_VERSIONS: tuple[str, ...] = ("1.0.0", "2.0.0", "2.1.0", "2.5.0", "2.5.2")
+TaskVersion = Literal["1.0.0", "2.0.0", "2.1.0", "2.5.0", "2.5.2"]
+KNOWN_VERSIONS: tuple[str, ...] = get_args(TaskVersion)
 CURRENT_VERSION = KNOWN_VERSIONS[-1]
+#: The version of a document that names none: Crynux's default.
+DEFAULT_DOCUMENT_VERSION = "2.5.0"
 
 #: The UNet attention projections adapted when ``lora.target_modules`` is null.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -253,8 +256,8 @@ class TaskDefinition(_Strict):
     checkpoint: str | None = Field(
         None, min_length=1, description="Checkpoint of the previous segment to resume from."
     )
-    version: Literal["1.0.0", "2.0.0", "2.1.0", "2.5.0", "2.5.2"] = Field(
-        "2.5.0", description="Task format version; older ones are migrated on load."
+    version: TaskVersion = Field(
+        DEFAULT_DOCUMENT_VERSION, description="Task format version; older ones are migrated on load."
     )
     # loraflow additions
     output: OutputArgs = Field(

@@ -15,9 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.errors import LoraflowError
-from engine.task.definition import CURRENT_VERSION, KNOWN_VERSIONS
-
-DEFAULT_DOCUMENT_VERSION = "2.5.0"
+from engine.task.definition import CURRENT_VERSION, DEFAULT_DOCUMENT_VERSION, KNOWN_VERSIONS
 
 Document = dict[str, Any]
 
