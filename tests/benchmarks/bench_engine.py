@@ -77,18 +77,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = str(root / "cache")
-        run_segment(task_with(10, 10), str(root / "warm"), SegmentOptions(cache_root=cache, validate=False))
+        run_segment(task_with(10, 10), str(root / "warm"),
+                    SegmentOptions(cache_root=cache, validate=False))
         for r in range(args.repeats):
             short = task_with(40, 40)
-            res = run_segment(short, str(root / f"c{r}"), SegmentOptions(cache_root=cache, validate=False))
+            res = run_segment(short, str(root / f"c{r}"),
+                              SegmentOptions(cache_root=cache, validate=False))
             cached.append(steady_rate(res.metrics))
-            res = run_segment(short, str(root / f"l{r}"), SegmentOptions(cache_root=None, validate=False))
+            res = run_segment(short, str(root / f"l{r}"),
+                              SegmentOptions(cache_root=None, validate=False))
             live.append(steady_rate(res.metrics))
             one.append(chain_seconds(task_with(args.steps, args.steps), root / f"one{r}", cache))
-            four.append(chain_seconds(task_with(args.steps // 4, args.steps), root / f"four{r}", cache))
+            quarter = task_with(args.steps // 4, args.steps)
+            four.append(chain_seconds(quarter, root / f"four{r}", cache))
 
     result = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python tests/benchmarks/bench_engine.py " + " ".join(sys.argv[1:]),
         "samples_per_s_cached": statistics.median(cached),

@@ -15,7 +15,7 @@ import torch
 from engine import bench
 from engine.model.family import detect_family
 from flows.cli import main
-from flows.commands_bench import FAMILY_CHOICES, LEVER_CHOICES
+from flows.cli.bench import FAMILY_CHOICES, LEVER_CHOICES
 
 TRAINING_ROW_KEYS = {
     "batch_size", "inputs", "levers", "status", "step_seconds", "samples_per_second",
@@ -36,7 +36,8 @@ def test_smoke_bench_writes_json_and_markdown(tmp_path, capsys):
     assert report["schema"] == "loraflow-bench/1"
     assert {"date", "machine", "settings", "model", "flops", "cache_build", "training",
             "checkpoint_save", "restart", "notes", "command"} <= set(report)
-    assert {"cpu", "torch", "torch_threads", "device", "load_average_start"} <= set(report["machine"])
+    machine_keys = {"cpu", "torch", "torch_threads", "device", "load_average_start"}
+    assert machine_keys <= set(report["machine"])
     assert report["machine"]["torch_threads"] == 1
     assert report["settings"]["family"] == "tiny-sd1" and report["settings"]["resolution"] == 64
     assert report["model"]["attention_processors"]
@@ -131,8 +132,10 @@ def test_full_size_configs_build_the_published_architectures(model):
         unet = config["unet"]
         assert unet["addition_embed_type"] == "text_time"
         pooled = config["text_encoder_2"]["projection_dim"]
-        assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + pooled
-        assert sum(config[k]["hidden_size"] for k in ("text_encoder", "text_encoder_2")) == cross_dim
+        time_embeds = 6 * unet["addition_time_embed_dim"]
+        assert unet["projection_class_embeddings_input_dim"] == time_embeds + pooled
+        hidden = [config[k]["hidden_size"] for k in ("text_encoder", "text_encoder_2")]
+        assert sum(hidden) == cross_dim
 
 
 @pytest.mark.parametrize("model", sorted(PUBLISHED))
