@@ -15,19 +15,19 @@ ComfyUI and A1111 read). The spec only asks that the string be stable per format
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from safetensors.torch import save
 
 from engine.model.family import Family
+from engine.store.redact import public_url
+from engine.store.safetensors_io import read_metadata as read_metadata  # re-export for callers
+from engine.store.safetensors_io import tensor_data_hash, with_metadata
 from engine.task.definition import TaskDefinition
 
 FileFormat = Literal["diffusers", "kohya"]
@@ -61,16 +61,6 @@ class LoraFacts:
 # -- the task, without secrets --------------------------------------------------------
 
 
-def strip_url_secrets(url: str) -> str:
-    """The URL without ``user:password@``, query and fragment (where signed tokens live)."""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
     """The validated task as plain JSON data, with every URL stripped of credentials.
 
@@ -79,9 +69,9 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
     """
     data = task.model_dump(mode="json")
     if data["dataset"].get("url"):
-        data["dataset"]["url"] = strip_url_secrets(data["dataset"]["url"])
+        data["dataset"]["url"] = public_url(data["dataset"]["url"])
     if data.get("checkpoint"):
-        data["checkpoint"] = strip_url_secrets(data["checkpoint"])
+        data["checkpoint"] = public_url(data["checkpoint"])
     return data
 
 
@@ -154,35 +144,6 @@ def lora_metadata(facts: LoraFacts, file_format: FileFormat) -> dict[str, str]:
 # -- hashing and writing --------------------------------------------------------------
 
 
-def tensor_data_hash(file_bytes: bytes) -> str:
-    """sha256 (hex) of a safetensors file's tensor data: every byte after the header.
-
-    A safetensors file is ``<u64 little-endian header length N><N header bytes><data>``;
-    the header holds the metadata, so this hash is the same whatever the metadata says
-    and can be computed before it is written into that header (kohya's addnet hash).
-    """
-    return hashlib.sha256(file_bytes[_data_offset(file_bytes):]).hexdigest()
-
-
-def read_metadata(file_bytes: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header ({} when it has none)."""
-    header = json.loads(file_bytes[8 : _data_offset(file_bytes)])
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file: the header is not a JSON object")
-    return dict(header.get("__metadata__") or {})
-
-
-def _data_offset(file_bytes: bytes) -> int:
-    """Where the tensor data starts: after the 8-byte length and the JSON header."""
-    if len(file_bytes) < 8:
-        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
-    (header_length,) = struct.unpack("<Q", file_bytes[:8])
-    start = 8 + header_length
-    if start > len(file_bytes):
-        raise ValueError("not a safetensors file: header length past the end of the file")
-    return start
-
-
 def write_lora_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The safetensors bytes of ``tensors`` with ``metadata`` plus the data hash keys.
 
@@ -195,23 +156,7 @@ def write_lora_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     serialised = save(dict(tensors), metadata=plain)
     digest = tensor_data_hash(serialised)
     hashes = {HASH_KEY: digest, MODELSPEC_HASH_KEY: f"0x{digest}"}
-    return _with_header_metadata(serialised, {**plain, **hashes})
-
-
-def _with_header_metadata(file_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
-    """The file with its ``__metadata__`` replaced and the header JSON in a canonical form.
-
-    Tensor ``data_offsets`` count from the start of the data, so a new header length
-    leaves them valid. The header is padded with spaces to a multiple of 8 bytes, which
-    keeps the data 8-byte aligned as safetensors itself does.
-    """
-    start = _data_offset(file_bytes)
-    header = json.loads(file_bytes[8:start])
-    header["__metadata__"] = dict(metadata)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    raw = text.encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + file_bytes[start:]
+    return with_metadata(serialised, {**plain, **hashes})
 
 
 # -- formatting -----------------------------------------------------------------------

@@ -15,12 +15,16 @@ caller goes through these helpers so that three properties hold everywhere:
 * **No credentials in URLs or messages.** S3 credentials come only from the environment
   (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, which s3fs and
   botocore read themselves). URLs with embedded credentials are refused, and every message
-  we build is passed through :func:`redact`.
+  we build is passed through :func:`redact` (the one policy, in :mod:`engine.store.redact`).
 
 s3fs caches directory listings per filesystem instance, so a reader could miss a manifest
 that another process wrote after the listing was cached. We create S3 filesystems with the
 listings cache off and additionally invalidate before listing, so a reader always sees the
 newest state.
+
+Why one module over 400 lines: the operations, the retry loop they all run in and the
+filesystem options are one concept (how loraflow talks to storage), and the retry policy is
+a module-level setting that every operation must see.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import functools
 import logging
 import os
 import posixpath
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +46,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
 from engine.errors import ExitCode, LoraflowError
+from engine.store.redact import has_userinfo, redact
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -180,31 +184,8 @@ def set_default_retry_policy(policy: RetryPolicy) -> RetryPolicy:
 
 
 # ---------------------------------------------------------------------------------------------
-# Redaction and URL helpers
+# URL helpers (redaction lives in engine.store.redact; ``redact`` is re-exported here)
 # ---------------------------------------------------------------------------------------------
-
-_USERINFO_RE = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_PARAM_RE = re.compile(
-    r"(?i)(?P<name>\b(?:key|secret|token|password|passwd|access_key_id|secret_access_key|"
-    r"session_token|aws_access_key_id|aws_secret_access_key|aws_session_token)=)[^&\s'\"]+"
-)
-_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-
-
-def redact(text: str) -> str:
-    """Remove anything credential-like from ``text`` (a URL or an error message).
-
-    Strips ``user:password@`` userinfo, ``key=``/``secret=``/``token=`` style parameters, and
-    the literal values of the AWS credential environment variables, should a library ever
-    echo them back. Used on every message this module builds.
-    """
-    text = _USERINFO_RE.sub(r"\g<scheme>***@", str(text))
-    text = _SECRET_PARAM_RE.sub(r"\g<name>***", text)
-    for var in _SECRET_ENV_VARS:
-        value = os.environ.get(var, "")
-        if len(value) >= 8:  # short test values would mangle ordinary words
-            text = text.replace(value, "***")
-    return text
 
 
 def _protocol(url: str) -> str:
@@ -214,7 +195,7 @@ def _protocol(url: str) -> str:
 
 def _refuse_credentials(url: str) -> None:
     """Credentials belong in the environment; a URL ends up in logs and manifests."""
-    if "://" in url and _USERINFO_RE.search(url):
+    if has_userinfo(url):
         raise ValueError(
             f"credentials must not be embedded in storage URLs ({redact(url)}); "
             "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment instead"
@@ -455,10 +436,20 @@ def write_bytes(url: str, data: bytes, *, retry: RetryPolicy | None = None) -> N
     _with_retries("write", url, lambda: _put_once(fs, path, payload), retry)
 
 
-def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
-    """Read the whole object at ``url``. A missing file raises ``FileNotFoundError``."""
+def read_bytes(url: str, *, retry: RetryPolicy | None = None, limit: int | None = None) -> bytes:
+    """Read the object at ``url`` (its first ``limit`` bytes if given, so a caller with a size
+    cap never holds more). A missing file raises ``FileNotFoundError``."""
     fs, path = filesystem(url)
-    return _with_retries("read", url, lambda: fs.cat_file(path), retry)
+    if limit is None:
+        return _with_retries("read", url, lambda: fs.cat_file(path), retry)
+
+    def head() -> bytes:
+        # open + read rather than a ranged cat: S3 answers a range on an empty object with
+        # 416, where a reader wants b"" (and then a clear "empty document" message)
+        with fs.open(path, "rb") as handle:
+            return handle.read(limit)
+
+    return _with_retries("read", url, head, retry)
 
 
 def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -22,6 +22,8 @@ import jsonschema
 from pydantic import ValidationError
 
 from engine.errors import LoraflowError
+from engine.store import storage
+from engine.store.storage import StorageError
 from engine.task.definition import TaskDefinition
 from engine.task.migration import UnknownVersionError, migrate
 
@@ -53,27 +55,32 @@ class TaskValidationError(LoraflowError, ValueError):
 
 
 def read_task_text(location: str) -> str:
-    """Read a task document from a local path or fsspec URL, with clear errors."""
-    import fsspec
+    """Read a task document from a local path or fsspec URL, with clear errors.
 
+    Through the store: transient failures are retried, and storage that stays down is a
+    ``StorageError`` (exit code 4, not "bad input"); messages never show credentials.
+    """
+    where = storage.redact(location)
     try:
-        with fsspec.open(location, "rb") as f:
-            data = f.read(MAX_DOCUMENT_BYTES + 1)
+        data = storage.read_bytes(location, limit=MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
-        raise TaskValidationError([Problem("", f"file not found: {location}")], location) from None
+        raise TaskValidationError([Problem("", f"file not found: {where}")], where) from None
     except IsADirectoryError:
-        raise TaskValidationError([Problem("", f"is a directory: {location}")], location) from None
+        raise TaskValidationError([Problem("", f"is a directory: {where}")], where) from None
+    except StorageError:
+        raise
     except (OSError, ValueError) as exc:
-        raise TaskValidationError([Problem("", f"cannot read {location}: {exc}")], location) from None
+        problem = Problem("", f"cannot read {where}: {storage.redact(str(exc))}")
+        raise TaskValidationError([problem], where) from None
     if len(data) > MAX_DOCUMENT_BYTES:
         raise TaskValidationError(
-            [Problem("", f"document larger than {MAX_DOCUMENT_BYTES} bytes")], location
+            [Problem("", f"document larger than {MAX_DOCUMENT_BYTES} bytes")], where
         )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TaskValidationError(
-            [Problem("", f"not UTF-8 text (byte {exc.start})")], location
+            [Problem("", f"not UTF-8 text (byte {exc.start})")], where
         ) from None
 
 
@@ -378,4 +385,4 @@ def parse_task(text: str, source: str = "task") -> TaskDefinition:
 
 def load_task(location: str) -> TaskDefinition:
     """Read and validate a task document from a local path or fsspec URL."""
-    return parse_task(read_task_text(location), source=location)
+    return parse_task(read_task_text(location), source=storage.redact(location))

@@ -1,7 +1,10 @@
 """The caption / latent cache: encode a dataset once, train from it many times.
 
-A cache lives at ``<cache root>/<fingerprint>/`` on any fsspec storage and is committed
-like a checkpoint (data files first, manifest last). The fingerprint covers everything
+A cache lives at ``<cache root>/<fingerprint>/`` on any fsspec storage and is a committed
+folder of kind ``loraflow-cache/1`` (engine.store.commit: data files first, manifest last;
+the manifest's meta holds the fingerprint). Caches written before that kind existed were
+committed as checkpoints with a made-up ``global_step``; they are refused as another kind
+and rebuilt once, into the same bytes. The fingerprint covers everything
 that changes its content: model (name, revision, variant, component configs), precision,
 resolution, crop and flip mode, and the prepared dataset's content hash. So a later
 segment, or a later run on the same data and model, finds it and encodes nothing.
@@ -29,7 +32,13 @@ from safetensors.torch import load as load_tensors
 
 from engine.data.transforms import apply_crop, plan_crop
 from engine.store import storage
-from engine.store.commit import CheckpointError, commit_checkpoint, read_checkpoint
+from engine.store.commit import (
+    CommitError,
+    FolderKind,
+    NotCommittedError,
+    commit_folder,
+    read_folder,
+)
 from engine.store.safetensors_io import dump
 from engine.task.definition import TaskDefinition
 from engine.train.samples import encode_caption, encode_image
@@ -37,6 +46,8 @@ from engine.train.samples import encode_caption, encode_image
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "loraflow-cache/1"
+#: The committed-folder kind of a cache: its manifest format and the meta it carries.
+CACHE = FolderKind(CACHE_FORMAT, "cache", {"fingerprint": str})
 
 
 def caches_latents(task: TaskDefinition) -> bool:
@@ -94,14 +105,17 @@ def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return dump(tensors)
 
 
-def build_cache_files(task: TaskDefinition, base: Any, dataset: Any, progress: Any = None) -> dict[str, bytes]:
+def build_cache_files(
+    task: TaskDefinition, base: Any, dataset: Any, progress: Any = None
+) -> dict[str, bytes]:
     """Encode every image (each orientation used) and every distinct caption."""
     files: dict[str, bytes] = {}
     if caches_latents(task):
         flips = (False, True) if task.transforms.random_flip else (False,)
         latents: dict[str, torch.Tensor] = {}
         for i in range(len(dataset)):
-            crop = plan_crop(dataset.size(i), task.train_args.resolution, center=True, generator=None)
+            size = task.train_args.resolution
+            crop = plan_crop(dataset.size(i), size, center=True, generator=None)
             image = dataset.image(i)
             for flip in flips:
                 mean, std = encode_image(base.vae, apply_crop(image, crop, flip=flip))
@@ -122,10 +136,15 @@ def build_cache_files(task: TaskDefinition, base: Any, dataset: Any, progress: A
 def open_cache(address: str, fingerprint: str) -> Cache | None:
     """The committed cache at ``address``, or None when there is none (or it is damaged)."""
     try:
-        loaded = read_checkpoint(address, expected_fingerprint=fingerprint)
-    except CheckpointError as exc:
-        if "manifest.json missing" not in str(exc) and "no committed" not in str(exc):
-            log.warning("cache at %s is unusable, rebuilding: %s", address, exc)
+        loaded = read_folder(address, kind=CACHE)
+    except NotCommittedError:
+        return None
+    except CommitError as exc:
+        log.warning("cache at %s is unusable, rebuilding: %s", address, exc)
+        return None
+    if loaded.meta["fingerprint"] != fingerprint:
+        log.warning("cache at %s was built for fingerprint %s, not %s; rebuilding",
+                    address, loaded.meta["fingerprint"], fingerprint)
         return None
     cache = Cache(address)
     if "latents.safetensors" in loaded.files:
@@ -150,8 +169,7 @@ def ensure_cache(
         return cache
     log.info("building cache %s (%d images)", address, len(dataset))
     files = build_cache_files(task, base, dataset, progress)
-    meta = {"global_step": 0, "task_fingerprint": fingerprint, "finished": False, "kind": CACHE_FORMAT}
-    commit_checkpoint(address, files, meta=meta)
+    commit_folder(address, files, {"fingerprint": fingerprint}, kind=CACHE)
     cache = open_cache(address, fingerprint)
     assert cache is not None, "a cache just committed must read back"
     cache.built_now = True

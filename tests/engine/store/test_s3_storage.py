@@ -126,3 +126,14 @@ def test_outage_gives_clear_error_within_bound_and_data_survives_restart(
 
     loaded = read_checkpoint(url, expected_fingerprint=FINGERPRINT)
     assert loaded.files == FILES and loaded.global_step == 5
+
+
+def test_task_documents_are_read_from_s3_through_the_store(s3_prefix: str) -> None:
+    from engine.task.validation import TaskValidationError, read_task_text
+
+    storage.write_bytes(storage.join(s3_prefix, "task.json"), b'{"a": 1}')
+    storage.write_bytes(storage.join(s3_prefix, "empty.json"), b"")
+    assert read_task_text(storage.join(s3_prefix, "task.json")) == '{"a": 1}'
+    assert read_task_text(storage.join(s3_prefix, "empty.json")) == ""  # no 416 on a range
+    with pytest.raises(TaskValidationError, match="file not found"):
+        read_task_text(storage.join(s3_prefix, "missing.json"))
