@@ -1,1 +1,1 @@
-"""Inference: validation images and generation with a LoRA."""
+"""Inference: one pipeline builder, validation images, and generation with a LoRA."""

@@ -197,9 +197,13 @@ def generate_images(
     device: str | None = None,
 ) -> list[Image.Image]:
     """Render ``num_images`` images; each carries its A1111 ``parameters`` in ``.info``."""
+    from engine.infer.pipeline import load_pipeline
     from engine.model.loading import training_device
+    from engine.task.definition import ModelArgs
 
-    pipe, family = load_pipeline(model, revision=revision, variant=variant)
+    model_args = ModelArgs(name=model, revision=revision, variant=variant)
+    # float32 and diffusers' defaults (safety checker included): what a user would get
+    pipe, _, family = load_pipeline(model_args, torch.float32, safety_checker=True)
     lora_data = read_lora_bytes(lora) if lora else None
     if lora_data is not None:
         load_lora(pipe, lora_data, lora, family.name, lora_scale)
@@ -223,27 +227,6 @@ def generate_images(
         )
         images.append(image)
     return images
-
-
-def load_pipeline(
-    model: str, *, revision: str = "main", variant: str | None = None
-) -> tuple[Any, Any]:
-    """The base model's pipeline in float32 (family read from its configs), safetensors only."""
-    import diffusers
-
-    from engine.model.loading import ModelLoadError, inspect_model
-    from engine.task.definition import ModelArgs
-
-    location, family = inspect_model(ModelArgs(name=model, revision=revision, variant=variant))
-    cls = getattr(diffusers, family.pipeline_class)
-    try:
-        pipe = cls.from_pretrained(
-            location, revision=revision, variant=variant, use_safetensors=True,
-            dtype=torch.float32,
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {model!r}: {exc}") from None
-    return pipe, family
 
 
 def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: float) -> None:

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import nullcontext
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, PngImagePlugin
 
+from engine.errors import LoraflowError
+from engine.infer.pipeline import load_pipeline, pipeline_from_base, scheduler_for_inference
+from engine.lora.weights import LORA_FILE
+from engine.model.loading import BaseModel, load_vae, training_device
+from engine.model.precision import autocast, weight_dtype
 from engine.store import storage
+from engine.store.commit import read_checkpoint
 from engine.task.definition import TaskDefinition
 from engine.train.seeding import generator
+
+VALIDATION_DIR = "validation"  # under a segment's (or run's) output_dir
+PROMPTS_FILE = "prompts.json"  # beside the images: prompts, step, seconds taken
 
 
 def validation_prompts(task: TaskDefinition, dataset: Any) -> list[str]:
@@ -30,15 +41,6 @@ def validation_prompts(task: TaskDefinition, dataset: Any) -> list[str]:
     return [(dataset.captions(i) or [""])[0] for i in picks]
 
 
-def scheduler_for_inference(location: str, revision: str, prediction_type: str) -> Any:
-    """The model's own inference scheduler, predicting what the LoRA was trained to."""
-    import diffusers
-
-    config = diffusers.DDPMScheduler.load_config(location, subfolder="scheduler", revision=revision)
-    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-    return cls.from_config({**config, "prediction_type": prediction_type})
-
-
 def png_bytes(image: Image.Image, parameters: str) -> bytes:
     """PNG with the generation parameters in a text chunk, as AUTOMATIC1111 writes them."""
     info = PngImagePlugin.PngInfo()
@@ -48,7 +50,8 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def describe(prompt: str, steps: int, guidance: float, seed: int, size: int, extra: str = "") -> str:
+def describe(prompt: str, steps: int, guidance: float, seed: int, size: int,
+             extra: str = "") -> str:
     text = f"{prompt}\nSteps: {steps}, CFG scale: {guidance}, Seed: {seed}, Size: {size}x{size}"
     return text + (f", {extra}" if extra else "")
 
@@ -58,12 +61,9 @@ def render_validation(pipe: Any, task: TaskDefinition, prompts: list[str], devic
                       dtype: torch.dtype) -> list[Image.Image]:
     """Render one image per prompt with per-image seeded CPU generators."""
     size = task.train_args.resolution
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    )
     images = []
     for i, prompt in enumerate(prompts):
-        with autocast:
+        with autocast(device, dtype):
             out = pipe(
                 prompt,
                 num_inference_steps=task.validation.num_inference_steps,
@@ -88,13 +88,43 @@ def write_validation(
             prompt, task.validation.num_inference_steps, task.validation.guidance_scale,
             task.seed, task.train_args.resolution, f"Image: {i}, Global step: {global_step}",
         )
-        url = storage.join(output_dir, "validation", f"{i:02d}.png")
+        url = storage.join(output_dir, VALIDATION_DIR, f"{i:02d}.png")
         storage.write_bytes(url, png_bytes(image, params))
         urls.append(url)
     summary = {"global_step": global_step, "prompts": prompts,
                "images": [u.rsplit("/", 1)[-1] for u in urls], "seconds": seconds}
-    storage.write_bytes(storage.join(output_dir, "validation", "prompts.json"), json.dumps(summary, indent=2).encode())
+    storage.write_bytes(storage.join(output_dir, VALIDATION_DIR, PROMPTS_FILE),
+                        json.dumps(summary, indent=2).encode())
     return urls
+
+
+def measured_seconds(output_dir: str) -> float | None:
+    """How long the validation written under ``output_dir`` took, if it was timed."""
+    try:
+        summary = json.loads(storage.read_bytes(
+            storage.join(output_dir, VALIDATION_DIR, PROMPTS_FILE)))
+        return float(summary["seconds"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError, LoraflowError):
+        return None
+
+
+def unet_passes(task: TaskDefinition) -> int:
+    """Batch-1 UNet forwards that rendering the validation images makes (2 with CFG)."""
+    cfg = 2 if task.validation.guidance_scale > 1 else 1
+    return task.validation.num_images * task.validation.num_inference_steps * cfg
+
+
+def validate_in_segment(task: TaskDefinition, base: BaseModel, prediction_type: str,
+                        dataset: Any, output_dir: str, global_step: int) -> list[str]:
+    """Validation images from the adapted modules in memory, timed for the next segment."""
+    scheduler = scheduler_for_inference(base.location, task.model.revision, prediction_type)
+    pipe = pipeline_from_base(base, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.monotonic()
+    prompts = validation_prompts(task, dataset)
+    images = render_validation(pipe, task, prompts, base.device, base.dtype)
+    return write_validation(output_dir, task, prompts, images, global_step,
+                            seconds=time.monotonic() - t0)
 
 
 def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: str,
@@ -104,30 +134,15 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     Unlike the in-segment validation (which reuses the adapted UNet in memory), this goes
     through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets.
     """
-    import tempfile
-    from pathlib import Path
-
-    import diffusers
-
-    from engine.lora.weights import LORA_FILE
-    from engine.model.loading import inspect_model, training_device, weight_dtype
-    from engine.store.commit import read_checkpoint
-
     loaded = read_checkpoint(checkpoint_url)
-    location, family = inspect_model(task.model)
     device = training_device()
     dtype = weight_dtype(task.mixed_precision, device)
-    pipeline_cls = getattr(diffusers, family.pipeline_class)
-    extra = {} if family.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = pipeline_cls.from_pretrained(
-        location, revision=task.model.revision, variant=task.model.variant,
-        dtype=dtype, use_safetensors=True, **extra,
-    ).to(device)
-    prediction = task.train_args.prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
+    pipe, location, _ = load_pipeline(task.model, dtype, safety_checker=False)
+    pipe.to(device)
+    prediction = (task.train_args.prediction_type
+                  or pipe.scheduler.config.get("prediction_type", "epsilon"))
     pipe.scheduler = scheduler_for_inference(location, task.model.revision, prediction)
     if task.model.vae is not None:
-        from engine.model.loading import load_vae
-
         pipe.vae = load_vae(task, location, dtype, None).to(device)
     with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
         (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 
 from engine.errors import LoraflowError
@@ -117,7 +116,3 @@ def restore_lora(data: bytes, modules: dict[str, Any]) -> None:
                 )
             param.copy_(tensors[key].to(param.dtype))
 
-
-def file_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})

@@ -7,7 +7,6 @@ model itself (model_index.json and the UNet config), never guessed from its name
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +80,6 @@ def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any],
     return Family(
         "sd2" if is_v2 else "sd1", found, (("tokenizer", "text_encoder"),), prediction
     )
-
-
-def read_json(path_or_url: str) -> dict[str, Any]:
-    with open(path_or_url) as f:
-        return json.load(f)
 
 
 # -- conditioning ---------------------------------------------------------------------

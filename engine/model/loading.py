@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +17,11 @@ import torch
 
 from engine.errors import ConfigurationError, LoraflowError
 from engine.model.family import Family, detect_family
+from engine.model.precision import weight_dtype
 from engine.task.definition import DEFAULT_TEXT_TARGET_MODULES, ModelArgs, TaskDefinition
 from engine.train.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class ModelLoadError(LoraflowError):
     """The base model could not be found or read."""
@@ -36,16 +33,6 @@ def training_device() -> torch.device:
     if wanted:
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen weights; fp16 on a CPU is refused rather than faked."""
-    if mixed_precision == "fp16" and device.type == "cpu":
-        raise ConfigurationError(
-            "mixed_precision 'fp16' needs a GPU: CPUs have no fast fp16 kernels and fp16 "
-            "training on them is unstable. Use 'bf16' or 'no' on a CPU."
-        )
-    return _DTYPES[mixed_precision]
 
 
 def resolve_model_location(model: ModelArgs) -> str:
@@ -132,9 +119,9 @@ def load_base_model(
         base.vae.requires_grad_(False)
     if with_text:
         for i, (tok_dir, enc_dir) in enumerate(family.text_encoders):
-            base.tokenizers.append(
-                AutoTokenizer.from_pretrained(location, subfolder=tok_dir, revision=task.model.revision)
-            )
+            base.tokenizers.append(AutoTokenizer.from_pretrained(
+                location, subfolder=tok_dir, revision=task.model.revision
+            ))
             cls = CLIPTextModelWithProjection if (family.is_sdxl and i == 1) else CLIPTextModel
             encoder = load(cls, enc_dir, dtype=dtype).to(device).eval()
             encoder.requires_grad_(False)
@@ -234,9 +221,3 @@ def lora_parameters(module: Any) -> dict[str, torch.nn.Parameter]:
     for param in params.values():
         param.requires_grad_(True)
     return dict(sorted(params.items()))
-
-
-def adapted_module_names(module: Any) -> list[str]:
-    """Names of the modules that carry a LoRA (for logs, metadata and checks)."""
-    pattern = re.compile(r"\.lora_A\.")
-    return sorted({pattern.split(n)[0] for n, _ in module.named_parameters() if ".lora_A." in n})

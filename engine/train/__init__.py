@@ -1,1 +1,2 @@
-"""Training: segment orchestration, trainer and step, plan, clock, samples, loss, resume, cache."""
+"""Training: the segment recipe and its rooms (options, resume, trainer and step, loop,
+data stream, saver, plan, clock, samples, loss, state, cache, metrics)."""

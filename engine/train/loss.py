@@ -27,7 +27,9 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return clipped / snr_values
 
 
-def target_for(noise_scheduler: Any, prediction_type: str, latents, noise, timesteps):
+def target_for(noise_scheduler: Any, prediction_type: str, latents: torch.Tensor,
+               noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v)."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -42,3 +44,11 @@ def per_sample_loss(
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     return loss if weights is None else loss * weights
+
+
+def loss_weights(noise_scheduler: Any, timesteps: torch.Tensor, snr_gamma: float | None,
+                 prediction_type: str) -> torch.Tensor | None:
+    """Per-sample weights: min-SNR-gamma when ``snr_gamma`` is set, else None (plain MSE)."""
+    if snr_gamma is None:
+        return None
+    return min_snr_weights(snr(noise_scheduler, timesteps), snr_gamma, prediction_type)

@@ -45,7 +45,8 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.flush()
             for path in sorted((self._dir / "tensorboard").glob("*")):
-                storage.write_bytes(storage.join(output_dir, "tensorboard", path.name), path.read_bytes())
+                dest = storage.join(output_dir, "tensorboard", path.name)
+                storage.write_bytes(dest, path.read_bytes())
         return url
 
     def close(self) -> None:

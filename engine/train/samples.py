@@ -17,9 +17,32 @@ import torch
 
 from engine.data.transforms import CropPlan, apply_crop, plan_crop
 from engine.model.family import encode_captions, sdxl_time_ids
+from engine.model.precision import autocast
 from engine.task.definition import TaskDefinition
 from engine.train.plan import SampleRef
 from engine.train.seeding import generator
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The part of a task that decides what a sample becomes (the sample components' own
+    arguments: a seed, a size, the augmentations, the noise offset)."""
+
+    seed: int
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    noise_offset: float
+    trains_text: bool  # a text-encoder LoRA learns: captions are encoded with gradients
+
+    @classmethod
+    def for_task(cls, task: TaskDefinition) -> SampleSettings:
+        ta = task.train_args
+        return cls(
+            seed=task.seed, resolution=ta.resolution, center_crop=task.transforms.center_crop,
+            random_flip=task.transforms.random_flip, noise_offset=ta.noise_offset,
+            trains_text=task.lora.text_encoder is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -29,21 +52,23 @@ class SampleDecisions:
     flip: bool
 
 
-def decide(task: TaskDefinition, dataset: Any, ref: SampleRef) -> SampleDecisions:
+def decide(captions: list[str], image_size: tuple[int, int], ref: SampleRef,
+           settings: SampleSettings) -> SampleDecisions:
     """The random choices for one use of one example (independent of batch and segment)."""
-    seed = task.seed
-    captions = dataset.captions(ref.index) or [""]
+    seed = settings.seed
+    captions = captions or [""]
     pick = 0
     if len(captions) > 1:
-        pick = int(torch.randint(len(captions), (1,), generator=generator(seed, "caption", ref.epoch, ref.index)))
+        g = generator(seed, "caption", ref.epoch, ref.index)
+        pick = int(torch.randint(len(captions), (1,), generator=g))
     crop = plan_crop(
-        dataset.size(ref.index),
-        task.train_args.resolution,
-        center=task.transforms.center_crop,
+        image_size,
+        settings.resolution,
+        center=settings.center_crop,
         generator=generator(seed, "crop", ref.epoch, ref.index),
     )
     flip = False
-    if task.transforms.random_flip:
+    if settings.random_flip:
         flip = bool(torch.rand(1, generator=generator(seed, "flip", ref.epoch, ref.index)) < 0.5)
     return SampleDecisions(captions[pick], crop, flip)
 
@@ -95,13 +120,16 @@ def draw_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, ref: SampleRef
     return mean.float() + std.float() * eps
 
 
-def draw_noise(shape: torch.Size, task: TaskDefinition, ref: SampleRef, num_timesteps: int):
-    """Diffusion noise (with the optional offset) and the timestep of one sample."""
-    g = generator(task.seed, "noise", ref.epoch, ref.index)
+def draw_noise(shape: torch.Size, seed: int, ref: SampleRef, num_timesteps: int,
+               offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion noise (plus ``offset`` times a per-channel draw) and the timestep of one
+    sample, from the sample's own generators."""
+    g = generator(seed, "noise", ref.epoch, ref.index)
     noise = torch.randn(shape, generator=g)
-    if task.train_args.noise_offset:
-        noise = noise + task.train_args.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
-    t = torch.randint(0, num_timesteps, (1,), generator=generator(task.seed, "timestep", ref.epoch, ref.index))
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], 1, 1), generator=g)
+    timestep_generator = generator(seed, "timestep", ref.epoch, ref.index)
+    t = torch.randint(0, num_timesteps, (1,), generator=timestep_generator)
     return noise, t
 
 
@@ -127,46 +155,49 @@ class SampleSource:
     """
 
     def __init__(self, task: TaskDefinition, dataset: Any, base: Any, cache: Any | None) -> None:
-        self.task, self.dataset, self.base, self.cache = task, dataset, base, cache
+        self.settings = SampleSettings.for_task(task)
+        self.dataset, self.base, self.cache = dataset, base, cache
         self.num_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
-        self.trains_text = task.lora.text_encoder is not None
-        self.latent_shape = _latent_shape(base, task.train_args.resolution)
+        self.latent_shape = _latent_shape(base, self.settings.resolution)
 
     def prepare(self, refs: list[SampleRef]) -> list[PreparedSample]:
         return [self._prepare_one(r) for r in refs]
 
     def _prepare_one(self, ref: SampleRef) -> PreparedSample:
-        d = decide(self.task, self.dataset, ref)
-        noise, t = draw_noise(self.latent_shape, self.task, ref, self.num_timesteps)
-        cached = self.cache is not None
-        posterior = self.cache.latent(ref.index, d.flip) if cached and self.cache.has_latents else None
+        s = self.settings
+        d = decide(self.dataset.captions(ref.index), self.dataset.size(ref.index), ref, s)
+        noise, t = draw_noise(self.latent_shape, s.seed, ref, self.num_timesteps, s.noise_offset)
+        cache = self.cache
+        cached = cache is not None
+        posterior = cache.latent(ref.index, d.flip) if cached and cache.has_latents else None
         pixels = None
         if posterior is None:
             pixels = apply_crop(self.dataset.image(ref.index), d.crop, flip=d.flip)
-        cond = self.cache.text(d.caption) if cached and self.cache.has_text else None
-        if self.trains_text:
+        cond = cache.text(d.caption) if cached and cache.has_text else None
+        if s.trains_text:
             cond = None  # encoded with gradients in the main process
         return PreparedSample(ref, d, noise, t, pixels, posterior, cond)
 
     def batch(self, samples: list[PreparedSample]) -> Batch:
-        task, base = self.task, self.base
+        base, seed, trains_text = self.base, self.settings.seed, self.settings.trains_text
         latents, conds = [], []
         for s in samples:
             mean, std = s.posterior if s.posterior is not None else encode_image(base.vae, s.pixels)
-            latents.append(draw_latent(mean, std, task.seed, s.ref) * base.vae_scaling_factor)
-            if not self.trains_text:
-                conds.append(s.conditioning if s.conditioning is not None else encode_caption(base, s.decision.caption))
+            latents.append(draw_latent(mean, std, seed, s.ref) * base.vae_scaling_factor)
+            if not trains_text:
+                conds.append(s.conditioning if s.conditioning is not None
+                             else encode_caption(base, s.decision.caption))
         time_ids = None
         if base.family.is_sdxl:
-            res = task.train_args.resolution
+            res = self.settings.resolution
             time_ids = sdxl_time_ids(
                 [s.decision.crop.original_size for s in samples],
                 [crop_top_left(s.decision) for s in samples],
                 (res, res),
             ).to(base.device)
         device = base.device
-        if self.trains_text:  # the text-encoder LoRA learns: encode with gradients
-            with _autocast(base):
+        if trains_text:  # the text-encoder LoRA learns: encode with gradients
+            with autocast(base.device, base.dtype):
                 conditioning = encode_captions(base.family, base.tokenizers, base.text_encoders,
                                                [s.decision.caption for s in samples], device)
         else:
@@ -178,14 +209,6 @@ class SampleSource:
             conditioning=conditioning,
             time_ids=time_ids,
         )
-
-
-def _autocast(base: Any) -> Any:
-    from contextlib import nullcontext
-
-    if base.dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(base.device.type, dtype=base.dtype)
 
 
 def _latent_shape(base: Any, resolution: int) -> torch.Size:

@@ -52,7 +52,8 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def identity_differences(saved: dict[str, Any], current: dict[str, Any], path: str = "") -> list[str]:
+def identity_differences(saved: dict[str, Any], current: dict[str, Any],
+                         path: str = "") -> list[str]:
     """JSON pointers where two identities differ, for an error a person can act on."""
     out: list[str] = []
     for key in sorted(set(saved) | set(current)):
@@ -76,7 +77,8 @@ def optimizer_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
         for key, value in per_param.items():
             tensors[f"{names[index]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "param_names": [names[i] for i in g["params"]]}
+        {**{k: v for k, v in g.items() if k != "params"},
+         "param_names": [names[i] for i in g["params"]]}
         for g in state["param_groups"]
     ]
     return dump(tensors), {"param_groups": groups, "param_names": names}

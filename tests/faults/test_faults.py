@@ -46,6 +46,7 @@ from engine.store.commit import (
 )
 from engine.store.storage import DEFAULT_RETRY, TEMP_MARKER, RetryPolicy, StorageError
 from engine.task.definition import TaskDefinition
+from engine.train.options import StepReport
 from engine.train.segment import SegmentOptions, SegmentResult, run_segment
 from engine.train.state import OPTIMIZER_FILE, STATE_FILE
 from tests.faults.kill_campaign import inspect_output, run_campaign
@@ -253,7 +254,7 @@ def test_damaged_checkpoint_falls_back_to_the_newest_kept_one_and_ends_bitwise_e
     with pytest.raises(CheckpointError, match=re.escape(detected_as)):
         read_checkpoint(str(checkpoint))
 
-    with caplog.at_level(logging.WARNING, logger="engine.train.segment"):
+    with caplog.at_level(logging.WARNING, logger="engine.train.resume"):
         result = run_segment(light_task(6), str(tmp_path / "second"), SegmentOptions(
             checkpoint=str(checkpoint), validate=False, cache_root=trained.cache))
     assert "falling back to" in caplog.text and detected_as in caplog.text
@@ -321,7 +322,7 @@ def test_retention_keeps_the_newest_two_and_deletes_only_after_a_newer_commit(
 
     monkeypatch.setattr(storage, "remove_tree", spy)
     result = run_segment(task, str(out), SegmentOptions(
-        validate=False, cache_root=cache_root, after_step=lambda step: kept.append(
+        validate=False, cache_root=cache_root, on_step=lambda report: kept.append(
             steps_committed())))
     assert result.finished
     # after steps 1..5 (step 6 is the segment's own checkpoint, not an in-segment one)
@@ -364,14 +365,14 @@ def test_s3_outage_at_the_final_commit_is_a_bounded_storage_error_then_the_rerun
     out = f"{s3_prefix}/segment"
     stopped_at: list[float] = []
 
-    def outage_after_the_last_step(step: int) -> None:
-        if step == 3:
+    def outage_after_the_last_step(report: StepReport) -> None:
+        if report.global_step == 3:
             s3.stop()  # SIGKILL: the final commit is next
             stopped_at.append(time.monotonic())
 
     try:
         with pytest.raises(StorageError) as info:
-            run_segment(task, out, SegmentOptions(**opts, after_step=outage_after_the_last_step))
+            run_segment(task, out, SegmentOptions(**opts, on_step=outage_after_the_last_step))
         failed_after = time.monotonic() - stopped_at[0]
     finally:
         s3.start()

@@ -19,7 +19,6 @@ need them, so importing this module (or the registry) stays cheap.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import threading
@@ -255,13 +254,6 @@ _UNET_SDXL: dict[str, Any] = {
     # 6 micro-conditioning numbers (original size, crop, target size) + pooled text embeds
     "projection_class_embeddings_input_dim": _SDXL_TIME_EMBED_DIM * 6 + _SDXL_TEXT2_PROJECTION_DIM,
 }
-
-
-def tiny_unet_config(name: str) -> dict[str, Any]:
-    """The UNet2DConditionModel kwargs used for ``name`` (a copy, safe to modify)."""
-    configs = {"tiny-sd1": _UNET_SD1, "tiny-sd2": _UNET_SD2, "tiny-sdxl": _UNET_SDXL}
-    _check_name(name)
-    return copy.deepcopy(configs[name])
 
 
 def _check_name(name: str) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from engine.infer.generate import LoraFileRefused, generate_images, inspect_lora
 from engine.lora.formats import diffusers_to_kohya
 from engine.lora.metadata import write_lora_file
-from flows.commands_lora import add_commands
+from flows.cli.lora import add_commands
 from tests.engine.lora.test_formats import ALPHA, RANK, make_lora
 
 PROMPT = "a red circle"

@@ -67,7 +67,8 @@ def test_min_snr_weights_match_the_x0_weighting_for_each_target() -> None:
     gamma = 5.0
     eps = min_snr_weights(s, gamma, "epsilon")
     v = min_snr_weights(s, gamma, "v_prediction")
-    # epsilon error = SNR * x0 error; v error = (SNR + 1) * x0 error: both must give min(SNR, gamma).
+    # epsilon error = SNR * x0 error; v error = (SNR + 1) * x0 error:
+    # both must give min(SNR, gamma).
     assert torch.allclose(eps * s, torch.clamp(s, max=gamma))
     assert torch.allclose(v * (s + 1), torch.clamp(s, max=gamma))
     assert (v < eps).all()

@@ -48,7 +48,8 @@ def test_random_crop_without_latent_cache_resumes_exactly(tmp_path: Path) -> Non
 
 def test_same_seed_same_result_other_seed_different(tmp_path: Path) -> None:
     task = make_task(**{"train_args.max_train_steps": 3, "train_args.num_train_steps": 3})
-    other = make_task(**{"train_args.max_train_steps": 3, "train_args.num_train_steps": 3, "seed": 8})
+    other = make_task(**{"train_args.max_train_steps": 3, "train_args.num_train_steps": 3,
+                         "seed": 8})
     a = checkpoint_bytes(run_chain(task, tmp_path / "a")[0].checkpoint)
     b = checkpoint_bytes(run_chain(task, tmp_path / "b")[0].checkpoint)
     c = checkpoint_bytes(run_chain(other, tmp_path / "c")[0].checkpoint)
@@ -75,7 +76,8 @@ def test_resume_restores_the_lora_weights_not_a_fresh_adapter(tmp_path: Path) ->
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
     frozen = make_task(**{"train_args.num_train_steps": 2, "train_args.max_train_steps": 4,
                           "lora.init_lora_weights": True})
-    r1 = run_segment(frozen, str(tmp_path / "s1"), SegmentOptions(checkpoint=r0.checkpoint, validate=False))
+    r1 = run_segment(frozen, str(tmp_path / "s1"),
+                     SegmentOptions(checkpoint=r0.checkpoint, validate=False))
     assert r1.start_step == 2 and r1.global_step == 4 and r1.finished
     resumed = load_file(Path(r1.checkpoint) / "pytorch_lora_weights.safetensors")
     for key, before in trained.items():
@@ -86,9 +88,11 @@ def test_resume_restores_the_lora_weights_not_a_fresh_adapter(tmp_path: Path) ->
 def test_checkpoint_from_a_different_task_is_refused_naming_the_field(tmp_path: Path) -> None:
     task = make_task(**{"train_args.num_train_steps": 1, "train_args.max_train_steps": 2})
     r0 = run_segment(task, str(tmp_path / "s0"), SegmentOptions(validate=False))
-    changed = make_task(**{"train_args.num_train_steps": 1, "train_args.max_train_steps": 2, "lora.rank": 8})
+    changed = make_task(**{"train_args.num_train_steps": 1, "train_args.max_train_steps": 2,
+                           "lora.rank": 8})
     with pytest.raises(LoraflowError, match=r"/lora/rank: checkpoint has 4, task has 8"):
-        run_segment(changed, str(tmp_path / "s1"), SegmentOptions(checkpoint=r0.checkpoint, validate=False))
+        run_segment(changed, str(tmp_path / "s1"),
+                    SegmentOptions(checkpoint=r0.checkpoint, validate=False))
     assert not (tmp_path / "s1" / "checkpoint" / "manifest.json").exists()
 
 

@@ -49,9 +49,12 @@ def test_sdxl_training_from_cache_equals_encoding_every_step(tmp_path: Path) -> 
 def test_text_encoder_lora_is_saved_for_both_sdxl_encoders_and_skips_the_caption_cache(
     tmp_path: Path,
 ) -> None:
-    task = make_task(**SDXL, **TEXT_LORA, **{"train_args.num_train_steps": 2, "train_args.max_train_steps": 2})
-    result = run_segment(task, str(tmp_path / "s"), SegmentOptions(cache_root=str(tmp_path / "c"), validate=True))
-    prefixes = {k.split(".")[0] for k in load_file(Path(result.checkpoint) / "pytorch_lora_weights.safetensors")}
+    task = make_task(**SDXL, **TEXT_LORA,
+                     **{"train_args.num_train_steps": 2, "train_args.max_train_steps": 2})
+    result = run_segment(task, str(tmp_path / "s"),
+                         SegmentOptions(cache_root=str(tmp_path / "c"), validate=True))
+    weights = load_file(Path(result.checkpoint) / "pytorch_lora_weights.safetensors")
+    prefixes = {k.split(".")[0] for k in weights}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     cache_files = {p.name for p in Path(result.cache).iterdir()}
     assert "latents.safetensors" in cache_files and "text.safetensors" not in cache_files
@@ -63,13 +66,15 @@ def test_sdxl_budgeted_segment_commits_in_time_and_resumes_exactly(tmp_path: Pat
              "train_args.batch_size": 2, "train_args.gradient_accumulation_steps": 1}
     task = make_task(**SDXL, **steps)
     cache = str(tmp_path / "cache")
-    reference = run_segment(task, str(tmp_path / "ref"), SegmentOptions(cache_root=cache, validate=False))
+    reference = run_segment(task, str(tmp_path / "ref"),
+                            SegmentOptions(cache_root=cache, validate=False))
     t0 = time.monotonic()
     first = run_segment(task, str(tmp_path / "b0"),
                         SegmentOptions(cache_root=cache, validate=False, budget_seconds=1.5))
     assert time.monotonic() - t0 < 1.5 and first.stopped_by == "budget" and first.global_step < 60
     rest = run_segment(task, str(tmp_path / "b1"),
-                       SegmentOptions(cache_root=cache, validate=False, checkpoint=first.checkpoint))
+                       SegmentOptions(cache_root=cache, validate=False,
+                                      checkpoint=first.checkpoint))
     assert checkpoint_bytes(rest.checkpoint) == checkpoint_bytes(reference.checkpoint)
 
 
@@ -101,7 +106,8 @@ def test_unsupported_families_are_named_in_a_clear_error(tmp_path: Path, pipelin
         inspect_model(ModelArgs(name=str(tmp_path)))
 
 
-def test_family_is_read_from_the_model_not_its_name(tiny_sd1: str, tiny_sd2: str, tiny_sdxl: str) -> None:
+def test_family_is_read_from_the_model_not_its_name(tiny_sd1: str, tiny_sd2: str,
+                                                    tiny_sdxl: str) -> None:
     names = [inspect_model(ModelArgs(name=p))[1].name for p in (tiny_sd1, tiny_sd2, tiny_sdxl)]
     assert names == ["sd1", "sd2", "sdxl"]
 

@@ -24,7 +24,8 @@ LONG = {"train_args.batch_size": 4, "train_args.gradient_accumulation_steps": 1,
 def test_budgeted_segment_stops_early_and_resumes_to_the_unbudgeted_result(tmp_path: Path) -> None:
     task = make_task(**LONG)
     cache = str(tmp_path / "cache")
-    reference = run_segment(task, str(tmp_path / "ref"), SegmentOptions(cache_root=cache, validate=False))
+    reference = run_segment(task, str(tmp_path / "ref"),
+                            SegmentOptions(cache_root=cache, validate=False))
     assert reference.finished
 
     budget = 2.5
@@ -37,7 +38,8 @@ def test_budgeted_segment_stops_early_and_resumes_to_the_unbudgeted_result(tmp_p
     assert (Path(first.checkpoint) / "manifest.json").exists()
 
     rest = run_segment(task, str(tmp_path / "b1"),
-                       SegmentOptions(cache_root=cache, validate=False, checkpoint=first.checkpoint))
+                       SegmentOptions(cache_root=cache, validate=False,
+                                      checkpoint=first.checkpoint))
     assert rest.finished
     assert checkpoint_bytes(rest.checkpoint) == checkpoint_bytes(reference.checkpoint)
 
@@ -62,7 +64,9 @@ def test_cli_budget_too_short_exits_with_its_own_code(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "checkpoint" / "manifest.json").exists()
 
 
-def test_cli_segments_chain_to_finish_with_checkpoint_and_validation_each_time(tmp_path: Path) -> None:
+def test_cli_segments_chain_to_finish_with_checkpoint_and_validation_each_time(
+    tmp_path: Path,
+) -> None:
     checkpoint, summaries = None, []
     for i in range(5):
         out = tmp_path / f"seg{i}"
@@ -123,7 +127,8 @@ def test_validation_images_are_the_same_pixels_for_the_same_inputs(tmp_path: Pat
     a = run_segment(task, str(tmp_path / "a"), SegmentOptions())
     b = run_segment(task, str(tmp_path / "b"), SegmentOptions())
     assert len(a.validation) == 2
-    assert [Path(p).read_bytes() for p in a.validation] == [Path(p).read_bytes() for p in b.validation]
+    pixels_a = [Path(p).read_bytes() for p in a.validation]
+    assert pixels_a == [Path(p).read_bytes() for p in b.validation]
 
 
 def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""The segment's data stream: its micro-batches, prepared in order, maybe by workers.
+
+Item k of the stream is the k-th micro-batch of the segment (steps ``start`` to ``end``
+as :class:`~engine.train.plan.TrainingPlan` lays them out), turned into CPU tensors by
+:meth:`SampleSource.prepare`. With ``dataloader_num_workers`` > 0 a torch DataLoader
+prepares ahead in worker processes; the order, and so every bit, is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from engine.train.plan import TrainingPlan
+from engine.train.samples import PreparedSample, SampleSource
+
+log = logging.getLogger(__name__)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item k = the prepared samples of the k-th micro-batch of this segment."""
+
+    def __init__(self, source: SampleSource, plan: TrainingPlan, start: int, end: int) -> None:
+        self.source = source
+        self.refs = [mb for step in range(start, end) for mb in plan.micro_batches(step)]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, k: int) -> list[PreparedSample]:
+        return self.source.prepare(self.refs[k])
+
+
+def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end: int,
+                       workers: int) -> Iterator[list[PreparedSample]]:
+    """Prepared micro-batches in order; ``workers`` data-loader processes prepare ahead.
+
+    Close the stream (``.close()``) when training stops: it stops the workers.
+    """
+    dataset = _MicroBatches(source, plan, start, end)
+    if workers == 0:
+        return (dataset[k] for k in range(len(dataset)))  # a generator: has close()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_as_is, persistent_workers=False,
+    )
+    return _closing(iter(loader))
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _closing(loader_iter: Any) -> Iterator[list[PreparedSample]]:
+    """Yield from a worker-backed iterator and stop its workers when training stops.
+
+    A segment usually stops before the loader is exhausted (budget, signal); left to the
+    garbage collector, the worker processes are torn down mid-prefetch and torch reports
+    them as crashed.
+    """
+    try:
+        yield from loader_iter
+    finally:
+        shutdown = getattr(loader_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()  # joins the workers; terminates any that do not stop
+            except RuntimeError as exc:
+                # A worker's exit status seen while it is being stopped: every batch the
+                # loop used was already received, so training is unaffected. (Seen when
+                # the forked worker inherits exit hooks from its parent, as under pytest.)
+                log.warning("a data-loader worker failed while stopping: %s", exc)

@@ -1,0 +1,129 @@
+"""The trainer: the LoRA's parameters, optimizer, schedule and step counter, and the step.
+
+:class:`Trainer` is the whole mutable state of training. Only :func:`train_step` advances
+it and only :func:`engine.train.resume.restore` sets it from a checkpoint, so what a
+checkpoint holds (:func:`engine.train.saver.checkpoint_files`) is exactly this object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.model.family import unet_extra_inputs
+from engine.model.loading import BaseModel, add_lora_adapters, lora_parameters
+from engine.model.precision import autocast
+from engine.task.definition import TaskDefinition
+from engine.train.loss import loss_weights, per_sample_loss, target_for
+from engine.train.plan import TrainingPlan
+from engine.train.samples import Batch, PreparedSample, SampleSource
+
+
+@dataclass
+class Trainer:
+    base: BaseModel
+    plan: TrainingPlan
+    adapted: dict[str, Any]  # {"unet": unet, "text_encoder": ..., ...}: modules with a LoRA
+    params: dict[str, torch.nn.Parameter]  # "unet.<name>" -> parameter, stable order
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16 on CUDA, else None
+    prediction_type: str
+    snr_gamma: float | None
+    max_grad_norm: float
+    global_step: int = 0
+
+    @property
+    def finished(self) -> bool:
+        """The whole training is done (not only this segment)."""
+        return self.global_step >= self.plan.total_steps
+
+    def autocast(self) -> AbstractContextManager:
+        return autocast(self.base.device, self.base.dtype)
+
+
+def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> Trainer:
+    """Adapters on ``base``, AdamW over their parameters, the lr schedule: at step 0."""
+    adapted = add_lora_adapters(base, task)
+    ta = task.train_args
+    base.unet.to(base.device)
+    if ta.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    if ta.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()  # diffusers checkpoints only in training mode
+    scale = ta.gradient_accumulation_steps * ta.batch_size if ta.scale_lr else 1  # one process
+    groups, params = [], {}
+    for prefix, module in adapted.items():
+        named = {f"{prefix}.{n}": p for n, p in lora_parameters(module).items()}
+        params |= named
+        lr = ta.learning_rate
+        if prefix != "unet" and task.lora.text_encoder.learning_rate is not None:
+            lr = task.lora.text_encoder.learning_rate
+        groups.append({"params": list(named.values()), "lr": lr * scale})
+    adam = ta.adam_args
+    optimizer = torch.optim.AdamW(
+        groups, betas=(adam.beta1, adam.beta2),
+        weight_decay=adam.weight_decay, eps=adam.epsilon, foreach=False,
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        ta.lr_scheduler.lr_scheduler, optimizer,
+        num_warmup_steps=ta.lr_scheduler.lr_warmup_steps, num_training_steps=plan.total_steps,
+    )
+    scaler = None
+    if base.dtype == torch.float16 and base.device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    return Trainer(
+        base=base, plan=plan, adapted=adapted, params=params, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, scaler=scaler,
+        prediction_type=ta.prediction_type or base.noise_scheduler.config.prediction_type,
+        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm,
+    )
+
+
+def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
+    """The summed per-sample diffusion loss of one micro-batch (fp32)."""
+    scheduler = tr.base.noise_scheduler
+    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    with tr.autocast():
+        extra = unet_extra_inputs(tr.base.family, batch.conditioning, batch.time_ids)
+        prediction = tr.base.unet(noisy, batch.timesteps, **extra).sample
+    target = target_for(scheduler, tr.prediction_type, batch.latents, batch.noise,
+                        batch.timesteps)
+    weights = loss_weights(scheduler, batch.timesteps, tr.snr_gamma, tr.prediction_type)
+    return per_sample_loss(prediction, target, weights).sum()
+
+
+def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
+               source: SampleSource) -> dict[str, float]:
+    """One optimizer step over the step's micro-batches; returns its metrics.
+
+    The loss is the mean over the step's samples (a short last micro-batch weighs by its
+    size), whatever the accumulation.
+    """
+    refs = tr.plan.micro_batches(tr.global_step)
+    n_samples = sum(len(r) for r in refs)
+    loss_total = 0.0
+    for _ in refs:
+        loss = micro_batch_loss(tr, source.batch(next(micro_batches))) / n_samples
+        (tr.scaler.scale(loss) if tr.scaler else loss).backward()
+        loss_total += loss.item()
+    if tr.scaler:
+        tr.scaler.unscale_(tr.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params.values(), tr.max_grad_norm)
+    lr = tr.optimizer.param_groups[0]["lr"]
+    if tr.scaler:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.global_step += 1
+    return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "samples": n_samples}
