@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 
 from engine.store import storage
+from tasks.payloads import PublishResult, RunSummary, SegmentSummary, ValidationResult
 
 #: Images up to this size are inlined as data URIs (the UI cannot fetch s3:// links).
 INLINE_IMAGE_BYTES = 256 * 1024
@@ -57,22 +58,22 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def segment_rows(segments: list[dict]) -> list[dict]:
+def segment_rows(segments: list[SegmentSummary]) -> list[dict]:
     """One table row per segment (plain numbers, so the UI can sort them)."""
     return [
         {
-            "segment": s["index"],
-            "steps": f"{s['start_step']}-{s['global_step']}",
-            "loss": _round(s.get("loss"), 5),
-            "seconds": _round(s.get("seconds"), 1),
-            "samples/s": _round(s.get("samples_per_second"), 2),
-            "stopped by": s["stopped_by"],
+            "segment": s.index,
+            "steps": f"{s.result.start_step}-{s.result.global_step}",
+            "loss": _round(s.loss, 5),
+            "seconds": _round(s.result.seconds, 1),
+            "samples/s": _round(s.samples_per_second, 2),
+            "stopped by": s.result.stopped_by.value,
         }
         for s in segments
     ]
 
 
-def show_segments(output_dir: str, segments: list[dict]) -> UUID:
+def show_segments(output_dir: str, segments: list[SegmentSummary]) -> UUID:
     return create_table_artifact(
         segment_rows(segments),
         key=f"{run_key(output_dir)}-segments",
@@ -92,17 +93,20 @@ def _image_markdown(url: str, caption: str) -> str:
     return f"![{caption}](data:image/png;base64,{encoded})"
 
 
-def show_result(output_dir: str, summary: dict, published: dict, images: list[str]) -> UUID:
+def show_result(summary: RunSummary, published: PublishResult,
+                validation: ValidationResult) -> UUID:
+    images = validation.images
     lines = [
-        f"# LoRA published: {storage.redact(published.get('lora_dir') or '')}",
+        f"# LoRA published: {storage.redact(published.lora_dir)}",
         "",
-        f"- global step: **{summary['global_step']}** of {summary['total_steps']}, "
-        f"{summary['segments']} segment(s)",
-        f"- final checkpoint: `{storage.redact(summary['checkpoint'])}`",
+        f"- global step: **{summary.global_step}** of {summary.total_steps}, "
+        f"{summary.segments} segment(s)",
+        f"- final checkpoint: `{storage.redact(summary.checkpoint)}`",
     ]
     for label in ("diffusers", "kohya", "readme", "metrics"):
-        if published.get(label):
-            lines.append(f"- {label}: `{storage.redact(published[label])}`")
+        url = getattr(published, label)
+        if url:
+            lines.append(f"- {label}: `{storage.redact(url)}`")
     lines += ["", "## Validation images (final checkpoint)", ""]
     lines += [
         _image_markdown(url, storage.basename(url)) + "\n" for url in images
@@ -110,6 +114,6 @@ def show_result(output_dir: str, summary: dict, published: dict, images: list[st
     lines += ["", "Image files:", ""] + [f"- `{storage.redact(u)}`" for u in images]
     return create_markdown_artifact(
         "\n".join(lines),
-        key=f"{run_key(output_dir)}-result",
+        key=f"{run_key(summary.output_dir)}-result",
         description="Validation images and where the LoRA was published",
     )

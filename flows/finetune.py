@@ -25,9 +25,23 @@ from engine.train.plan import TrainingPlan
 from flows import artifacts
 from tasks.cache import build_cache
 from tasks.dataset import prepare_dataset
+from tasks.payloads import (
+    CacheSummary,
+    DatasetSummary,
+    PublishResult,
+    RunSummary,
+    SegmentRequest,
+    SegmentSummary,
+    ValidationResult,
+)
 from tasks.publish import publish
 from tasks.segment import backstop_timeout, dispatch_segment, train_segment
+from tasks.user_errors import hide_user_error_tracebacks
 from tasks.validation import validate_final
+
+# A bad-input failure is logged by Prefect as one line, not a traceback (here too: a
+# worker that runs these flows imports this module, not the CLI).
+hide_user_error_tracebacks()
 
 
 def segment_run_name(index: int, start_step: int, end_step: int) -> str:
@@ -94,118 +108,126 @@ def finetune(
             ``finetune-segment`` (e.g. ``finetune-segment/gpu``), so segments land on
             whichever worker is free; default: in this flow run's process. Needs
             ``output_dir`` (and ideally ``cache_dir``) on storage every worker sees.
+
+    Returns:
+        the run summary (JSON-able): totals, ``lora`` (the published URLs),
+        ``validation`` (image URLs) and ``segment_results`` (one row per segment).
     """
     logger = get_run_logger()
     check_task(task)
     output_dir = resolve_output_dir(output_dir)
-    dataset = prepare_dataset(task, data_dir)
-    cache = build_cache(task, dataset, data_dir, cache_dir)
+    dataset: DatasetSummary = prepare_dataset(task, data_dir)
+    cache: CacheSummary = build_cache(task, dataset, data_dir, cache_dir)
     logger.info(
         "dataset %s: %d examples (hash %s); cache %s (%s)",
-        dataset["address"], dataset["count"], dataset["content_hash"][:12], cache["address"],
-        "built now" if cache["built_now"] else "found",
+        dataset.address, dataset.count, dataset.content_hash[:12], cache.address,
+        "built now" if cache.built_now else "found",
     )
-
-    if dataset["skipped"]:
+    if dataset.skipped:
         logger.warning(
             "%d image(s) skipped while preparing the dataset, e.g. %s",
-            dataset["skipped"], dataset["skipped_examples"][:3],
+            dataset.skipped, dataset.skipped_examples[:3],
         )
 
-    plan = TrainingPlan.for_task(task, dataset["count"])
-    budget = budget_seconds or task.train_args.segment_budget_seconds
+    plan = TrainingPlan.for_task(task, dataset.count)
+    segments = train_all_segments(
+        task, plan, output_dir, dataset, cache_dir=cache_dir, data_dir=data_dir,
+        budget_seconds=budget_seconds or task.train_args.segment_budget_seconds,
+        segment_deployment=segment_deployment,
+    )
+    final = segments[-1].result
+    checkpoint, step = final.checkpoint, final.global_step
+    validation: ValidationResult = validate_final.with_options(
+        task_run_name=f"validate step {step}"
+    )(task, checkpoint, output_dir, dataset, data_dir=data_dir)
+    summary = RunSummary(
+        output_dir=output_dir,
+        checkpoint=checkpoint,
+        global_step=step,
+        total_steps=plan.total_steps,
+        segments=len(segments),
+        dataset_hash=dataset.content_hash,
+        cache={"address": cache.address, "built_now": cache.built_now},
+        dataset=dataset.counts(),
+        run_name=storage.basename(output_dir),
+        flow_run_id=flow_run.id,
+        flow_run_name=flow_run.name,
+        segment_results=[s.row() for s in segments],
+    )
+    published: PublishResult = publish.with_options(task_run_name=f"publish step {step}")(
+        task, checkpoint, output_dir, dataset, validation,
+        [s.result.metrics for s in segments if s.result.metrics], summary, data_dir=data_dir,
+    )
+    artifacts.show_result(summary, published, validation)
+    logger.info("LoRA published to %s", storage.redact(published.lora_dir))
+    return run_result(summary, published, validation)
+
+
+def train_all_segments(
+    task: TaskDefinition, plan: TrainingPlan, output_dir: str, dataset: DatasetSummary, *,
+    cache_dir: str | None, data_dir: str | None, budget_seconds: float | None,
+    segment_deployment: str | None,
+) -> list[SegmentSummary]:
+    """Segments, each from the previous one's checkpoint, until the training is finished.
+
+    Here or, with ``segment_deployment``, each on whichever worker serves it; the UI's
+    progress bar and segment table are updated after each one.
+    """
     step = start_step_of(task)
     progress = artifacts.start_progress(output_dir, step, plan.total_steps)
-
     checkpoint = task.checkpoint
-    segments: list[dict] = []
+    segments: list[SegmentSummary] = []
     # every segment trains at least one step or raises, so this bound is never reached
     for index in range(plan.total_steps - step + 1):
         name = segment_run_name(index, step, plan.segment_end(step))
+        request = SegmentRequest(
+            task=task, index=index, output_dir=output_dir, checkpoint=checkpoint,
+            dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
+            budget_seconds=budget_seconds,
+        )
         if segment_deployment:
-            result = dispatch_segment.with_options(task_run_name=name)(
-                segment_deployment, task, index, output_dir, checkpoint, dataset,
-                data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget, name=name,
+            segment = dispatch_segment.with_options(task_run_name=name)(
+                segment_deployment, request, name
             )
         else:
-            result = train_segment.with_options(
-                task_run_name=name, timeout_seconds=backstop_timeout(budget)
-            )(
-                task, index, output_dir, checkpoint, dataset,
-                data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget,
-            )
-        segments.append(result)
-        checkpoint, step = result["checkpoint"], result["global_step"]
+            segment = train_segment.with_options(
+                task_run_name=name, timeout_seconds=backstop_timeout(budget_seconds)
+            )(request)
+        segments.append(segment)
+        checkpoint, step = segment.result.checkpoint, segment.result.global_step
         artifacts.show_progress(progress, step, plan.total_steps)
         artifacts.show_segments(output_dir, segments)
-        if result["finished"]:
-            break
-    else:  # pragma: no cover - guarded by the engine (BudgetTooShortError)
-        raise RuntimeError(f"training did not finish after {len(segments)} segments")
+        if segment.result.finished:
+            return segments
+    raise RuntimeError(  # pragma: no cover - guarded by the engine (BudgetTooShortError)
+        f"training did not finish after {len(segments)} segments"
+    )
 
-    images = validate_final.with_options(task_run_name=f"validate step {step}")(
-        task, checkpoint, output_dir, dataset, data_dir=data_dir
-    )
-    summary = {
-        "output_dir": output_dir,
-        "checkpoint": checkpoint,
-        "global_step": step,
-        "total_steps": plan.total_steps,
-        "segments": len(segments),
-        "dataset_hash": dataset["content_hash"],
-        "cache": {"address": cache["address"], "built_now": cache["built_now"]},
-    }
-    run_summary = {
-        **summary,
-        "dataset": {k: dataset[k] for k in ("count", "skipped", "skipped_examples",
-                                            "empty_captions")},
-        "run_name": storage.basename(output_dir),
-        "flow_run_id": flow_run.id,
-        "flow_run_name": flow_run.name,
-        "segment_results": [_short(s) for s in segments],
-    }
-    published = publish.with_options(task_run_name=f"publish step {step}")(
-        task, checkpoint, output_dir, dataset, images,
-        [s["metrics"] for s in segments if s.get("metrics")], run_summary, data_dir=data_dir,
-    )
-    artifacts.show_result(output_dir, summary, published, images)
-    logger.info("LoRA published to %s", storage.redact(published["lora_dir"]))
+
+def run_result(summary: RunSummary, published: PublishResult,
+               validation: ValidationResult) -> dict:
+    """The flow's return value: what ``loraflow run`` prints and ``retry`` hands back."""
+    totals = summary.model_dump(include={
+        "output_dir", "checkpoint", "global_step", "total_steps", "segments",
+        "dataset_hash", "cache",
+    })
     return {
-        **summary,
-        "lora": published,
-        "validation": images,
-        "segment_results": [_short(s) for s in segments],
+        **totals,
+        "lora": published.model_dump(mode="json"),
+        "validation": list(validation.images),
+        "segment_results": list(summary.segment_results),
     }
-
-
-def _short(segment: dict) -> dict:
-    """The part of a segment result worth keeping in the run summary."""
-    keys = ("index", "start_step", "global_step", "steps_done", "stopped_by", "seconds",
-            "loss", "samples_per_second", "checkpoint", "metrics")
-    return {k: segment.get(k) for k in keys}
 
 
 @flow(name="finetune-segment")
-def finetune_segment(
-    task: TaskDefinition,
-    index: int,
-    output_dir: str,
-    checkpoint: str | None,
-    dataset: dict,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    budget_seconds: float | None = None,
-    name: str = "segment",
-) -> dict:
+def finetune_segment(request: SegmentRequest, name: str = "segment") -> SegmentSummary:
     """One segment as its own flow run, for ``finetune(segment_deployment=...)``.
 
     Served by every GPU worker (``loraflow serve-segments`` or a work pool deployment);
     whichever is free picks the next segment up. Its summary is also written to the
     segment folder (``result.json``), which is how the orchestrating run reads it.
+    ``name`` names the segment's task run (``segment-3 steps 300-400``).
     """
     return train_segment.with_options(
-        task_run_name=name, timeout_seconds=backstop_timeout(budget_seconds)
-    )(
-        task, index, output_dir, checkpoint, dataset,
-        data_dir=data_dir, cache_dir=cache_dir, budget_seconds=budget_seconds,
-    )
+        task_run_name=name, timeout_seconds=backstop_timeout(request.budget_seconds)
+    )(request)

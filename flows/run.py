@@ -1,25 +1,53 @@
-"""``loraflow run``: the whole pipeline in this process, no server to start first.
+"""The ``finetune`` flow in this process: ``loraflow run`` and ``loraflow retry``.
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary local API server for the
-duration of the run (a few seconds) backed by ``$PREFECT_HOME/prefect.db``
-(``~/.prefect``), so the run is recorded and can be retried with ``loraflow retry``.
-With ``PREFECT_API_URL`` set (``prefect server start`` or Prefect Cloud) the run shows
-in that UI.
+duration of the run backed by ``$PREFECT_HOME/prefect.db`` (``~/.prefect``), so the run
+is recorded and can be retried with ``loraflow retry``. With ``PREFECT_API_URL`` set
+(``prefect server start`` or Prefect Cloud) the run shows in that UI.
+
+How a run ends is said by :func:`outcome`: the run's summary, or an exception that
+carries the exit code (:class:`~engine.errors.LoraflowError`), which the CLI prints as
+one line, like every other error it maps.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from typing import Any
 
-#: Settings for a quiet, offline-friendly local run; the user's own values win.
+from engine.errors import ExitCode, LoraflowError
+from engine.task.definition import TaskDefinition
+
+#: Settings for a local run that works the first time, quietly and offline; the user's
+#: own values win.
 PREFECT_DEFAULTS = {
     # the temporary server would try to send usage telemetry (and log its failure offline)
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server's first start creates and migrates its database: 25-40 s
+    # measured on a busy 2-core machine, more than Prefect's 20 s default (the first
+    # command then failed with "Timed out while attempting to connect to ephemeral
+    # Prefect API server"). Prefect counts only its own polling sleeps toward this, so
+    # the real wait can be longer still; a server that does come up answers much sooner.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
+
+
+class RunFailed(LoraflowError):
+    """The flow run ended without completing, for a reason that is not the user's input.
+
+    The cause's traceback is in the run's logs (Prefect logged it); here it is one line.
+    """
+
+    exit_code = ExitCode.FAILED
+
+
+class FlowRunNotFound(LoraflowError, LookupError):
+    """No flow run has this id or name."""
+
+
+class NothingToRetry(LoraflowError, ValueError):
+    """The flow run completed, or still runs (retry it with ``force`` if it is gone)."""
 
 
 class _DropTemporaryServerNotice(logging.Filter):
@@ -67,59 +95,47 @@ def absolute_location(location: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(location))
 
 
-def describe(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal: where the LoRA is and how training went."""
-    from engine.store.storage import redact
-
-    lora = summary["lora"]
-    lines = [f"LoRA published to {redact(lora['lora_dir'])}"]
-    for label in ("diffusers", "kohya", "readme"):
-        if lora.get(label):
-            lines.append(f"  {label:<10} {redact(lora[label])}")
-    for image in summary.get("validation", []):
-        lines.append(f"  {'image':<10} {redact(image)}")
-    lines.append(
-        f"trained {summary['global_step']} steps in {summary['segments']} segment(s); "
-        f"final checkpoint {redact(summary['checkpoint'])}"
-    )
-    return "\n".join(lines)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run the ``finetune`` flow for ``args.task``; print a summary; return the exit code."""
-    from engine.task.validation import load_task
-
-    task = load_task(args.task)  # bad input is refused here, before Prefect starts
+def start_prefect() -> None:
+    """Set up Prefect for a run in this process: settings first, then import, then logs."""
     prepare_prefect_environment()
-    from flows.finetune import finetune
+    import flows.finetune  # noqa: F401 - imports Prefect, which configures its logging
 
     use_prefect_format_on_root_handlers()
-    state = finetune(
+
+
+def run_here(
+    task: TaskDefinition, output_dir: str, *, cache_dir: str | None = None,
+    data_dir: str | None = None, budget_seconds: float | None = None,
+) -> Any:
+    """Run ``finetune`` in this process; return its final state (see :func:`outcome`)."""
+    start_prefect()
+    from flows.finetune import finetune
+
+    return finetune(
         task=task,
-        output_dir=absolute_location(args.output_dir),
-        cache_dir=absolute_location(args.cache_dir),
-        data_dir=absolute_location(args.data_dir),
-        budget_seconds=args.budget_seconds,
+        output_dir=absolute_location(output_dir),
+        cache_dir=absolute_location(cache_dir),
+        data_dir=absolute_location(data_dir),
+        budget_seconds=budget_seconds,
         return_state=True,
     )
-    return report_state(state)
 
 
-def report_state(state: Any) -> int:
-    """Print the summary of a finished flow run, or why it failed; return the exit code."""
-    from engine.errors import ExitCode, LoraflowError
+def outcome(state: Any) -> dict[str, Any]:
+    """The summary of a completed ``finetune`` run; else raise why it did not complete.
 
+    A user's error (bad input, storage down, ...) is raised as it is, with its own exit
+    code; anything else as :class:`RunFailed`.
+    """
     if state.is_completed():
-        print(describe(state.result()))
-        return ExitCode.OK
+        return state.result()
     error = state.result(raise_on_failure=False)
-    if isinstance(error, LoraflowError):  # bad input (2), storage (4), ...: its own code
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    print(f"error: the fine-tuning run ended {state.name}: {state.message}", file=sys.stderr)
+    if isinstance(error, LoraflowError):
+        raise error
+    cause = ""
     if isinstance(error, BaseException):
-        print(f"  cause: {type(error).__name__}: {error}", file=sys.stderr)
-    return ExitCode.FAILED
+        cause = f"\n  cause: {type(error).__name__}: {error}"
+    raise RunFailed(f"the fine-tuning run ended {state.name}: {state.message}{cause}")
 
 
 def find_flow_run(client: Any, ref: str) -> Any:
@@ -140,7 +156,7 @@ def find_flow_run(client: Any, ref: str) -> Any:
         limit=1,
     )
     if not runs:
-        raise LookupError(f"no flow run named or with id {ref!r}")
+        raise FlowRunNotFound(f"no flow run named or with id {ref!r}")
     return runs[0]
 
 
@@ -165,26 +181,14 @@ def retry_flow_run(ref: str, *, force: bool = False) -> Any:
         run = find_flow_run(client, ref)
         state = run.state
         if state is not None and state.is_completed():
-            raise ValueError(f"flow run {run.name} ({run.id}) already completed; nothing to retry")
+            raise NothingToRetry(
+                f"flow run {run.name} ({run.id}) already completed; nothing to retry"
+            )
         if state is not None and not state.is_final() and not force:
-            raise ValueError(
+            raise NothingToRetry(
                 f"flow run {run.name} ({run.id}) is {state.name}; if its process is gone "
                 "(killed, machine lost), retry with --force"
             )
         client.set_flow_run_state(run.id, AwaitingRetry(), force=True)
         run = client.read_flow_run(run.id)
     return run_flow(finetune, flow_run=run, parameters=run.parameters, return_type="state")
-
-
-def retry_command(args: argparse.Namespace) -> int:
-    """``loraflow retry FLOW_RUN``: resume a failed or crashed run; print the summary."""
-    prepare_prefect_environment()
-    from flows.finetune import finetune  # noqa: F401 - configures Prefect logging first
-
-    use_prefect_format_on_root_handlers()
-    try:
-        state = retry_flow_run(args.flow_run, force=args.force)
-    except (LookupError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report_state(state)

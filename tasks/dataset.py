@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from engine.data.prepared import prepare_for_task
 from engine.task.definition import TaskDefinition
-from tasks import RUN_SCOPED
+from tasks import step
 from tasks.logging_bridge import engine_logs_to_prefect
+from tasks.payloads import DatasetSummary
 
-SKIPPED_SHOWN = 20
 
-
-@task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
-def prepare_dataset(task: TaskDefinition, data_dir: str | None = None) -> dict:
+@step("prepare-dataset")
+def prepare_dataset(task: TaskDefinition, data_dir: str | None = None) -> DatasetSummary:
     """The dataset manifest: where the prepared data lives, how many examples, its hash.
 
     Also how many images were skipped (unreadable, too small, ...) with the first
-    :data:`SKIPPED_SHOWN` of them (file and reason): the full list stays in the prepared
-    dataset's manifest, out of Prefect's parameters and results.
+    :data:`~tasks.payloads.SKIPPED_SHOWN` of them (file and reason): the full list stays
+    in the prepared dataset's manifest, out of Prefect's parameters and results.
 
     The engine keeps prepared data at an address derived from the dataset arguments, so
     a second run (or a segment on another worker with the same ``data_dir``) finds it.
     """
     with engine_logs_to_prefect():
         manifest = prepare_for_task(task, data_dir)
-    return {
-        "address": manifest.address,
-        "count": manifest.count,
-        "content_hash": manifest.content_hash,
-        "skipped": len(manifest.skipped),
-        "skipped_examples": [dict(s) for s in manifest.skipped[:SKIPPED_SHOWN]],
-        "empty_captions": manifest.empty_captions,
-    }
+    return DatasetSummary.of_manifest(manifest)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from prefect import task
 from prefect.runtime import flow_run
 
 from engine.data.prepared import load_dataset_for_task
 from engine.lora.publish import publish_lora
 from engine.store import storage
 from engine.task.definition import TaskDefinition
-from tasks import RUN_SCOPED
+from tasks import step
 from tasks.logging_bridge import engine_logs_to_prefect
+from tasks.payloads import (
+    DatasetSummary,
+    PublishResult,
+    RunSummary,
+    ValidationResult,
+)
 
 
 def merge_metrics(metrics_urls: list[str], target: str) -> str | None:
@@ -28,17 +33,17 @@ def merge_metrics(metrics_urls: list[str], target: str) -> str | None:
     return target
 
 
-@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
+@step("publish")
 def publish(
     task: TaskDefinition,
     checkpoint: str,
     output_dir: str,
-    dataset: dict,
-    validation_images: list[str],
+    dataset: DatasetSummary,
+    validation: ValidationResult,
     segment_metrics: list[str],
-    run_summary: dict,
+    run_summary: RunSummary,
     data_dir: str | None = None,
-) -> dict:
+) -> PublishResult:
     """Write ``<output_dir>/lora/`` from the final checkpoint; return the URLs written.
 
     Publishing rewrites the same files when run again (a retry after a crash mid-write
@@ -49,19 +54,20 @@ def publish(
         data = load_dataset_for_task(task, data_dir)
         captions = [(data.captions(i) or [""])[0] for i in range(len(data))]
         metrics_url = merge_metrics(
-            segment_metrics, storage.join(output_dir, "metrics", "metrics.jsonl")
+            segment_metrics, storage.join(output_dir, "metrics", "metrics.jsonl"),
         )
         started = flow_run.scheduled_start_time
         summary = {
-            **run_summary,
+            **run_summary.model_dump(mode="json"),
             "started_at": started.isoformat() if started else None,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        return publish_lora(
+        published = publish_lora(
             checkpoint, task, output_dir,
-            dataset_hash=dataset["content_hash"],
+            dataset_hash=dataset.content_hash,
             captions=captions,
-            validation_images=validation_images,
+            validation_images=validation.images,
             metrics_url=metrics_url,
             run_summary=summary,
         )
+    return PublishResult(**published)

@@ -3,7 +3,8 @@
 A segment resumes from its input checkpoint, trains until its steps are done, the whole
 training is done or its budget is about to run out, and commits a checkpoint under
 ``<output_dir>/segments/<NNNN>/checkpoint``. Everything needed to resume travels as an
-address, so a retry (or the next segment) may run on any worker that sees the storage.
+address (:class:`~tasks.payloads.SegmentRequest`), so a retry (or the next segment) may
+run on any worker that sees the storage.
 
 Why a retry is exact: a failed attempt never commits, and the retry starts again from
 the same *input* checkpoint, so the steps of the failed attempt are neither kept nor
@@ -17,32 +18,23 @@ import json
 import math
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import asdict
 from datetime import datetime, timezone
+from typing import Any
 
-from prefect import task
 from prefect.runtime import flow_run, task_run
 
 from engine.store import storage
-from engine.task.definition import TaskDefinition
-from engine.train.segment import SegmentOptions, run_segment
-from tasks import RUN_SCOPED
+from engine.train.options import SegmentOptions
+from engine.train.segment import run_segment
+from tasks import step
 from tasks.cache import cache_root
 from tasks.logging_bridge import engine_logs_to_prefect
+from tasks.payloads import SegmentRequest, SegmentSummary
 
-#: Test-only fault injection: ``<segment index>:<global step>`` makes that segment raise
-#: right after the given optimizer step, on its first attempt only.
-FAULT_ENV = "LORAFLOW_FAULT_FAIL_SEGMENT_ONCE"
-FAULT_MARKER = ".fault-injected"
 #: Written after the segment: its summary, for a caller that ran it elsewhere.
 RESULT_FILE = "result.json"
 #: Written when an attempt starts: which run, attempt and machine work on the segment.
 STARTED_FILE = "started.json"
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault hook; a retry of the segment does not raise again."""
 
 
 def segment_dir(output_dir: str, index: int) -> str:
@@ -60,33 +52,6 @@ def backstop_timeout(budget_seconds: float | None) -> float | None:
     return None if budget_seconds is None else budget_seconds * 1.5 + 120
 
 
-def fault_hook(index: int, out_dir: str) -> Callable[[int], None] | None:
-    """The ``after_step`` callback for :data:`FAULT_ENV`, or None when it does not apply.
-
-    The first attempt writes a marker file in the segment's folder before raising, so
-    the retry (same folder, maybe another process) sees it and runs clean.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    target, _, after = spec.partition(":")
-    if int(target) != index:
-        return None
-    marker = storage.join(out_dir, FAULT_MARKER)
-    if storage.exists(marker):
-        return None
-    fail_after = int(after or 1)
-
-    def after_step(global_step: int) -> None:
-        if global_step >= fail_after:
-            storage.write_bytes(marker, f"failed after step {global_step}\n".encode())
-            raise InjectedFault(
-                f"{FAULT_ENV}: segment {index} fails after step {global_step} (first attempt)"
-            )
-
-    return after_step
-
-
 def record_attempt(out_dir: str) -> None:
     """Write ``started.json``: for an operator asking "who is training this segment?"."""
     record = {
@@ -100,7 +65,7 @@ def record_attempt(out_dir: str) -> None:
     storage.write_bytes(storage.join(out_dir, STARTED_FILE), json.dumps(record).encode())
 
 
-def metrics_summary(metrics_url: str | None) -> dict:
+def metrics_summary(metrics_url: str | None) -> dict[str, Any]:
     """Mean loss and throughput of one segment, from its ``metrics.jsonl``."""
     if not metrics_url:
         return {"loss": None, "samples_per_second": None, "train_seconds": 0.0}
@@ -117,70 +82,50 @@ def metrics_summary(metrics_url: str | None) -> dict:
     }
 
 
-@task(name="train-segment", retries=2, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
-def train_segment(
-    task: TaskDefinition,
-    index: int,
-    output_dir: str,
-    checkpoint: str | None,
-    dataset: dict,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    budget_seconds: float | None = None,
-) -> dict:
-    """Run segment ``index`` from ``checkpoint``; return its result and metrics summary.
+@step("train-segment")
+def train_segment(request: SegmentRequest) -> SegmentSummary:
+    """Run segment ``request.index`` from ``request.checkpoint``; return its summary.
 
     Runs without in-segment validation images: the flow renders them once, at the final
     checkpoint, from the LoRA *file* (what a user loads); per-segment images would cost
-    every segment time that belongs to training. ``dataset`` (the manifest) is an input
-    so that the cache key, and the graph in the UI, follow the data.
+    every segment time that belongs to training.
     """
-    out_dir = segment_dir(output_dir, index)
+    out_dir = segment_dir(request.output_dir, request.index)
     options = SegmentOptions(
-        checkpoint=checkpoint,
-        budget_seconds=budget_seconds,
-        data_root=data_dir,
-        cache_root=cache_root(cache_dir),
+        checkpoint=request.checkpoint,
+        budget_seconds=request.budget_seconds,
+        data_root=request.data_dir,
+        cache_root=cache_root(request.cache_dir),
         validate=False,
-        after_step=fault_hook(index, out_dir),
     )
     record_attempt(out_dir)
     with engine_logs_to_prefect():
-        result = run_segment(task, out_dir, options)
-    summary = {
-        "index": index,
-        "output_dir": out_dir,
-        "dataset_hash": dataset["content_hash"],
-        **asdict(result),
+        result = run_segment(request.task, out_dir, options)
+    summary = SegmentSummary(
+        index=request.index,
+        output_dir=out_dir,
+        dataset_hash=request.dataset.content_hash,
+        result=result,
         **metrics_summary(result.metrics),
-    }
-    storage.write_bytes(storage.join(out_dir, RESULT_FILE), json.dumps(summary).encode())
+    )
+    record = json.dumps(summary.model_dump(mode="json")).encode()
+    storage.write_bytes(storage.join(out_dir, RESULT_FILE), record)
     return summary
 
 
-def read_result(output_dir: str, index: int) -> dict:
+def read_result(output_dir: str, index: int) -> SegmentSummary:
     """The summary segment ``index`` wrote, wherever it ran (the fsspec handoff)."""
-    return json.loads(storage.read_bytes(storage.join(segment_dir(output_dir, index), RESULT_FILE)))
+    url = storage.join(segment_dir(output_dir, index), RESULT_FILE)
+    return SegmentSummary.model_validate_json(storage.read_bytes(url))
 
 
 class SegmentRunFailed(RuntimeError):
     """A segment dispatched to a deployment ended without completing."""
 
 
-@task(name="dispatch-segment", retries=2, retry_delay_seconds=10, cache_policy=RUN_SCOPED)
-def dispatch_segment(
-    deployment: str,
-    task: TaskDefinition,
-    index: int,
-    output_dir: str,
-    checkpoint: str | None,
-    dataset: dict,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    budget_seconds: float | None = None,
-    name: str | None = None,
-) -> dict:
-    """Run segment ``index`` as a flow run of ``deployment``: on whichever worker is free.
+@step("dispatch-segment", retry_delay_seconds=10)
+def dispatch_segment(deployment: str, request: SegmentRequest, name: str) -> SegmentSummary:
+    """Run a segment as a flow run of ``deployment``: on whichever worker is free.
 
     Only addresses go to the worker and come back (the summary is read from the
     segment's ``result.json``), so the worker needs the same storage, nothing else. If
@@ -191,17 +136,7 @@ def dispatch_segment(
 
     run = run_deployment(
         deployment,
-        parameters={
-            "task": task.model_dump(mode="json"),
-            "index": index,
-            "output_dir": output_dir,
-            "checkpoint": checkpoint,
-            "dataset": dataset,
-            "data_dir": data_dir,
-            "cache_dir": cache_dir,
-            "budget_seconds": budget_seconds,
-            "name": name or f"segment-{index}",
-        },
+        parameters={"request": request.model_dump(mode="json"), "name": name},
         timeout=None,  # waits for a free worker as long as it takes; the segment times itself
         poll_interval=3,
     )
@@ -209,5 +144,7 @@ def dispatch_segment(
     if state is None or not state.is_completed():
         status = state.name if state else "without a state"
         message = f": {state.message}" if state and state.message else ""
-        raise SegmentRunFailed(f"segment {index} (flow run {run.name}) ended {status}{message}")
-    return read_result(output_dir, index)
+        raise SegmentRunFailed(
+            f"segment {request.index} (flow run {run.name}) ended {status}{message}"
+        )
+    return read_result(request.output_dir, request.index)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from engine.data.prepared import load_dataset_for_task
 from engine.infer.validation import validate_checkpoint
 from engine.task.definition import TaskDefinition
-from tasks import RUN_SCOPED
+from tasks import step
 from tasks.logging_bridge import engine_logs_to_prefect
+from tasks.payloads import DatasetSummary, ValidationResult
 
 
-@task(name="validate", retries=1, retry_delay_seconds=5, cache_policy=RUN_SCOPED)
+class DatasetChangedError(RuntimeError):
+    """The prepared dataset is not the one the segments trained on."""
+
+
+@step("validate", retries=1)
 def validate_final(
-    task: TaskDefinition, checkpoint: str, output_dir: str, dataset: dict,
+    task: TaskDefinition, checkpoint: str, output_dir: str, dataset: DatasetSummary,
     data_dir: str | None = None,
-) -> list[str]:
+) -> ValidationResult:
     """Render ``validation.num_images`` images into ``<output_dir>/validation/``.
 
     Loads the checkpoint's LoRA file into a fresh base pipeline (not the adapted UNet
@@ -25,9 +28,9 @@ def validate_final(
     """
     with engine_logs_to_prefect():
         data = load_dataset_for_task(task, data_dir)
-        if data.content_hash != dataset["content_hash"]:
-            raise RuntimeError(
-                f"the prepared dataset changed during the run ({dataset['content_hash']} -> "
+        if data.content_hash != dataset.content_hash:
+            raise DatasetChangedError(
+                f"the prepared dataset changed during the run ({dataset.content_hash} -> "
                 f"{data.content_hash}); prompts would not match the training data"
             )
-        return validate_checkpoint(task, checkpoint, output_dir, data)
+        return ValidationResult(images=validate_checkpoint(task, checkpoint, output_dir, data))

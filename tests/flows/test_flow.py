@@ -93,7 +93,8 @@ def test_artifacts_show_progress_metrics_and_result(first_run: dict) -> None:
     assert float(progress.data) == 100.0
 
     latest_table = max(by_type["table"], key=lambda a: a.created)
-    rows = json.loads(latest_table.data) if isinstance(latest_table.data, str) else latest_table.data
+    data = latest_table.data
+    rows = json.loads(data) if isinstance(data, str) else data
     assert [r["segment"] for r in rows] == [0, 1, 2]
     assert [r["steps"] for r in rows] == ["0-2", "2-4", "4-6"]
     assert all(r["loss"] is not None and r["loss"] > 0 for r in rows)
@@ -132,7 +133,8 @@ def test_engine_logs_reach_the_task_run(first_run: dict) -> None:
             sort=LogSort.TIMESTAMP_ASC, limit=200, offset=0,  # None is refused (422)
         )
     messages = [log.message for log in logs]
-    assert any("[engine.train.segment] committed" in m and "at step 4" in m for m in messages), messages
+    committed = [m for m in messages if "[engine.train.saver] committed" in m]
+    assert any("at step 4" in m for m in committed), messages
 
 
 def test_bad_task_is_refused_before_any_work(prefect_api: str, tmp_path: Path) -> None:
@@ -182,3 +184,28 @@ def test_flow_trains_an_sdxl_task_with_text_encoder_lora_end_to_end(
     assert prefixes == {"te1", "te2"}
     reference = run_chain(task.model_copy(), tmp_path / "engine", validate=False)
     assert checkpoint_bytes(summary["checkpoint"]) == checkpoint_bytes(reference[-1].checkpoint)
+
+
+def test_segment_flow_takes_one_typed_request() -> None:
+    """What ``dispatch-segment`` sends a worker (JSON) becomes the same typed request the
+    in-process segment task gets; a key the model does not know is refused."""
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune_segment
+    from tasks.payloads import DatasetSummary, SegmentRequest
+
+    dataset = DatasetSummary(address="data/x", count=10, content_hash="abc", skipped=0,
+                             skipped_examples=[], empty_captions=0)
+    request = SegmentRequest(task=flow_task(), index=1, output_dir="runs/x",
+                             checkpoint="runs/x/segments/0000/checkpoint", dataset=dataset)
+    sent = {"request": request.model_dump(mode="json"), "name": "segment-1 steps 2-4"}
+    parameters = finetune_segment.validate_parameters(sent)
+    assert parameters["request"] == request
+    with pytest.raises(ParameterTypeError, match="typo"):
+        finetune_segment.validate_parameters(
+            {"request": {**sent["request"], "typo": 1}, "name": "segment"}
+        )
+    schema = parameter_schema(finetune_segment).model_dump()
+    assert schema["properties"]["request"]["$ref"] == "#/definitions/SegmentRequest"
+    assert schema["definitions"]["SegmentRequest"]["additionalProperties"] is False

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tasks.segment import FAULT_ENV, FAULT_MARKER, STARTED_FILE
+from tasks.segment import STARTED_FILE
 from tests.support.engine import checkpoint_bytes
 from tests.support.flow import (
+    FAULT_MARKER,
     flow_run_id,
     flow_task,
     python_command,
@@ -36,9 +38,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_failed_segment_is_retried_from_its_input_checkpoint(
     prefect_api: str, reference_run: dict[str, bytes], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fail_segment_once: Callable[[int, int], None],
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "1:3")  # segment 1 (steps 2-4) fails after step 3, once
+    fail_segment_once(1, 3)  # segment 1 (steps 2-4) fails after step 3, once
     state, summary = run_finetune(flow_task(), str(tmp_path / "run"))
 
     segment_dir = tmp_path / "run" / "segments" / "0001"

@@ -41,7 +41,9 @@ def _loraflow(*args: str, env: dict[str, str], timeout: float = 240) -> str:
         [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True,
         text=True, timeout=timeout,
     )
-    assert proc.returncode == 0, f"loraflow {args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"loraflow {args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout
 
 

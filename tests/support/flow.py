@@ -145,3 +145,11 @@ def assert_same_lora(got: bytes, expected: bytes) -> None:
         return {**meta, "lora_adapter_metadata": adapter}
 
     assert normalized(got) == normalized(expected)
+
+
+#: Written by the :func:`~tests.support.flow_fixtures.fail_segment_once` fault when it fires.
+FAULT_MARKER = ".fault-injected"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault; a retry of the segment does not raise again."""

@@ -1,7 +1,6 @@
 """``loraflow bench``: speed, memory, FLOPs and segment restart cost of the engine.
 
-A thin shell over :mod:`engine.bench`; ``flows.cli.build_parser`` calls
-:func:`add_commands` to register it. It never imports Prefect, so it runs on a bare
+A thin shell over :mod:`engine.bench`. It never imports Prefect, so it runs on a bare
 training node. Examples::
 
     loraflow bench --smoke                                    # seconds, tiny-sd1 at 64 px
@@ -15,6 +14,8 @@ import argparse
 import sys
 from typing import Any
 
+from flows.cli.subcommand import add_subcommand
+
 # Kept here, not imported from engine.bench, so that building the CLI parser (for every
 # command) does not import torch and diffusers; tests check they match engine.bench.
 FAMILY_CHOICES = ("sd1", "sd15", "sd2", "sd21", "sdxl", "tiny-sd1", "tiny-sd2", "tiny-sdxl")
@@ -25,7 +26,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -62,9 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``bench`` on the CLI's subparsers object."""
-    help_text = "measure training speed, memory, FLOPs and segment restart cost"
-    p = subparsers.add_parser("bench", help=help_text, description=help_text)
-    p.set_defaults(func=cmd_bench)
+    p = add_subcommand(subparsers, "bench", cmd_bench,
+                       "measure training speed, memory, FLOPs and segment restart cost")
     p.add_argument("--family", choices=list(FAMILY_CHOICES),
                    help="model: full-size architecture (random weights) or tiny (default tiny-sd1)")
     p.add_argument("--resolution", type=int, help="pixels (default: the family's native size)")
@@ -72,7 +74,8 @@ def add_commands(subparsers: Any) -> None:
                    help="comma-separated micro-batch sizes (default 1,8,32; smoke 1,2)")
     p.add_argument("--precision", choices=["no", "bf16", "fp16"],
                    help="frozen-weight precision (default bf16 on a GPU, no on a CPU)")
-    p.add_argument("--repeats", type=int, help="runs per measurement; medians are reported (default 3)")
+    p.add_argument("--repeats", type=int,
+                   help="runs per measurement; medians are reported (default 3)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
     p.add_argument("--levers", type=_lever_list,

@@ -1,9 +1,8 @@
 """``loraflow generate`` and ``loraflow inspect``: use and look into a trained LoRA.
 
-Thin shells over :mod:`engine.infer.generate`; ``flows.cli.build_parser`` calls
-:func:`add_commands` to register them. Neither imports Prefect. Errors a user can fix
-are :class:`engine.errors.LoraflowError` (a pickle LoRA, a LoRA for another family) and
-``flows.cli.main`` prints them without a traceback.
+Thin shells over :mod:`engine.infer.generate`; neither imports Prefect. Errors a user
+can fix are :class:`engine.errors.LoraflowError` (a pickle LoRA, a LoRA for another
+family) and :func:`flows.cli.main.main` prints them without a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from flows.cli.subcommand import add_subcommand
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -51,9 +52,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``generate`` and ``inspect`` on the CLI's subparsers object."""
-    help_text = "render images with a base model and a LoRA (diffusers or kohya file)"
-    p = subparsers.add_parser("generate", help=help_text, description=help_text)
-    p.set_defaults(func=cmd_generate)
+    p = add_subcommand(subparsers, "generate", cmd_generate,
+                       "render images with a base model and a LoRA (diffusers or kohya file)")
     p.add_argument(
         "--model", required=True, help="base model: Hub id, local folder or loraflow/tiny-*"
     )
@@ -72,8 +72,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--device", help="torch device (default: CUDA if present, else CPU)")
     p.add_argument("--output-dir", default=".", help="where PNGs go (path or URL; default .)")
 
-    help_text = "show what a LoRA file holds: format, family, rank, alpha, targets, metadata"
-    p = subparsers.add_parser("inspect", help=help_text, description=help_text)
-    p.set_defaults(func=cmd_inspect)
+    p = add_subcommand(
+        subparsers, "inspect", cmd_inspect,
+        "show what a LoRA file holds: format, family, rank, alpha, targets, metadata",
+    )
     p.add_argument("file", help="LoRA .safetensors file (path or URL)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -1,0 +1,181 @@
+"""``loraflow validate | schema | segment | run | retry``: check a task, train it.
+
+``validate``, ``schema`` and ``segment`` never import Prefect: a Crynux-style node runs
+one segment with ``loraflow segment`` in a process without it. ``run`` and ``retry`` run
+the ``finetune`` flow here (:mod:`flows.run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from flows.cli.subcommand import add_subcommand
+
+#: When this process began (the module is imported as the CLI starts): a segment's time
+#: budget counts the start-up too.
+STARTED_AT = time.monotonic()
+
+
+def load_task(path: str) -> Any:
+    """The task definition at ``path``, validated (bad input raises, exit code 2)."""
+    from engine.task.validation import load_task as load
+
+    return load(path)
+
+
+# -- validate, schema -----------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    print(load_task(args.task).model_dump_json(indent=2))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from engine.task.schema import render_schema
+
+    sys.stdout.write(render_schema())
+    return 0
+
+
+# -- segment --------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT: the segment commits at the next step boundary, then exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.getLogger("loraflow").warning(
+            "stop requested (signal %d): committing a checkpoint at the next step", signum
+        )
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from engine.data.prepared import default_cache_root
+    from engine.errors import ExitCode
+    from engine.train.options import SegmentOptions, StopReason
+    from engine.train.segment import run_segment
+
+    task = load_task(args.task)
+    if not args.verbose:
+        from engine.logs import silence_progress_bars
+
+        silence_progress_bars()
+    stop = StopRequest()
+    stop.install()
+    opts = SegmentOptions(
+        checkpoint=args.checkpoint,
+        budget_seconds=args.budget_seconds,
+        data_root=args.data_dir,
+        cache_root=None if args.no_cache else (args.cache_dir or default_cache_root()),
+        progress=sys.stderr.isatty(),
+        validate=not args.no_validation,
+        should_stop=stop,
+        started_at=STARTED_AT,
+    )
+    result = run_segment(task, args.output_dir, opts)
+    print(result.to_json())
+    return ExitCode.INTERRUPTED if result.stopped_by == StopReason.SIGNAL else ExitCode.OK
+
+
+# -- run, retry -----------------------------------------------------------------------
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal: where the LoRA is and how training went."""
+    from engine.store.storage import redact
+
+    lora = summary["lora"]
+    lines = [f"LoRA published to {redact(lora['lora_dir'])}"]
+    for label in ("diffusers", "kohya", "readme"):
+        if lora.get(label):
+            lines.append(f"  {label:<10} {redact(lora[label])}")
+    for image in summary.get("validation", []):
+        lines.append(f"  {'image':<10} {redact(image)}")
+    lines.append(
+        f"trained {summary['global_step']} steps in {summary['segments']} segment(s); "
+        f"final checkpoint {redact(summary['checkpoint'])}"
+    )
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline here; bad input is refused before Prefect starts."""
+    from flows.run import outcome, run_here
+
+    task = load_task(args.task)
+    state = run_here(task, args.output_dir, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                     budget_seconds=args.budget_seconds)
+    print(describe(outcome(state)))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Resume a failed or crashed run as the same flow run; print its summary."""
+    from flows.run import outcome, retry_flow_run, start_prefect
+
+    start_prefect()
+    print(describe(outcome(retry_flow_run(args.flow_run, force=args.force))))
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``validate``, ``schema``, ``segment``, ``run`` and ``retry``."""
+    p = add_subcommand(subparsers, "validate", cmd_validate,
+                       "check a task definition; print it normalized")
+    p.add_argument("task", help="task JSON file (path or fsspec URL)")
+
+    add_subcommand(subparsers, "schema", cmd_schema, "print the task definition's JSON Schema")
+
+    p = add_subcommand(subparsers, "segment", cmd_segment,
+                       "run one training segment (as a Crynux node does)")
+    p.add_argument("task", help="task JSON file")
+    p.add_argument("--output-dir", required=True,
+                   help="where checkpoint/ and validation/ go (path or URL)")
+    p.add_argument("--checkpoint", help="previous segment's checkpoint (overrides the task's)")
+    p.add_argument("--budget-seconds", type=float, help="wall-clock budget of this segment")
+    p.add_argument("--data-dir",
+                   help="where prepared datasets are kept (default: $LORAFLOW_HOME/datasets)")
+    p.add_argument("--cache-dir",
+                   help="where latent/caption caches are kept (default: $LORAFLOW_HOME/cache)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="encode images and captions every step")
+    p.add_argument("--no-validation", action="store_true", help="skip validation images")
+
+    p = add_subcommand(subparsers, "run", cmd_run,
+                       "run a whole fine-tuning: segments until FINISH, then publish")
+    p.add_argument("task", help="task JSON file")
+    p.add_argument("--output-dir", required=True,
+                   help="run output location (path or URL, e.g. s3://bucket/runs/x)")
+    p.add_argument("--cache-dir", help="shared cache location (default: $LORAFLOW_HOME/cache)")
+    p.add_argument("--data-dir",
+                   help="prepared datasets location (default: $LORAFLOW_HOME/datasets)")
+    p.add_argument("--budget-seconds", type=float, help="wall-clock budget of each segment")
+
+    p = add_subcommand(subparsers, "retry", cmd_retry,
+                       "retry a failed or crashed finetune flow run; completed steps are not "
+                       "redone")
+    p.add_argument("flow_run", help="flow run id or name")
+    p.add_argument("--force", action="store_true",
+                   help="also retry a run still marked Running (its process was killed)")

@@ -1,0 +1,149 @@
+"""What crosses a Prefect task boundary: one small typed model per payload, both sides.
+
+Each step of the pipeline returns one of these and the flow (or the next step) takes the
+same class, so a field is named, typed and documented once. They hold only addresses,
+hashes, counts and short lists (see the architecture guide): Prefect hashes them for
+cache keys (``RUN_SCOPED``), persists them as results, and sends :class:`SegmentRequest`
+as a flow run's parameter to a segment worker, where the UI renders it as a form.
+
+No ``from __future__ import annotations``: :class:`SegmentRequest` is the parameter of
+the ``finetune-segment`` flow, and Prefect builds that flow's schema from real classes.
+"""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.task.definition import TaskDefinition
+from engine.train.options import SegmentResult
+
+#: How many skipped images a dataset summary names; the full list stays in the manifest.
+SKIPPED_SHOWN = 20
+
+
+class Payload(BaseModel):
+    """A value passed between steps: immutable, and unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSummary(Payload):
+    """The prepared dataset: where it lives, its content hash, what was left out."""
+
+    address: str
+    count: int
+    content_hash: str
+    skipped: int  # how many images were skipped (unreadable, too small, ...)
+    skipped_examples: list[dict[str, Any]]  # the first SKIPPED_SHOWN of them: index, reason
+    empty_captions: int
+
+    @classmethod
+    def of_manifest(cls, manifest: Any) -> "DatasetSummary":
+        """From the engine's prepared-dataset manifest (which keeps every skipped image)."""
+        return cls(
+            address=manifest.address,
+            count=manifest.count,
+            content_hash=manifest.content_hash,
+            skipped=len(manifest.skipped),
+            skipped_examples=[dict(s) for s in manifest.skipped[:SKIPPED_SHOWN]],
+            empty_captions=manifest.empty_captions,
+        )
+
+    def counts(self) -> dict[str, Any]:
+        """The part the run summary keeps: how many examples, skipped, empty captions."""
+        return self.model_dump(
+            mode="json", include={"count", "skipped", "skipped_examples", "empty_captions"}
+        )
+
+
+class CacheSummary(Payload):
+    """The latent / caption cache of a task's data; no address when nothing is cached."""
+
+    address: str | None
+    built_now: bool  # False: a committed cache was found (a second run never re-encodes)
+    dataset_hash: str
+
+
+class SegmentRequest(Payload):
+    """Everything one segment needs, for a task in this process or a flow run elsewhere.
+
+    Only addresses: a segment may run on any worker that sees the same storage.
+    """
+
+    task: TaskDefinition
+    index: int
+    output_dir: str  # the run folder; the segment writes <output_dir>/segments/<NNNN>/
+    checkpoint: str | None  # where it resumes from (None: the task's own start)
+    dataset: DatasetSummary  # an input so the cache key and the UI's graph follow the data
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    budget_seconds: float | None = None
+
+
+class SegmentSummary(Payload):
+    """A finished segment: the engine's result, where it ran, and its mean metrics.
+
+    Also written to the segment folder as ``result.json``, the handoff when the segment
+    ran on another worker.
+    """
+
+    index: int
+    output_dir: str  # the segment's own folder, <run>/segments/<NNNN>
+    dataset_hash: str
+    result: SegmentResult  # as the engine returned it
+    # means over the segment's metrics.jsonl
+    loss: float | None = None
+    samples_per_second: float | None = None
+    train_seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        """The part worth keeping in the run summary (plain JSON values)."""
+        r = self.result
+        return {
+            "index": self.index, "start_step": r.start_step, "global_step": r.global_step,
+            "steps_done": r.steps_done, "stopped_by": r.stopped_by.value, "seconds": r.seconds,
+            "loss": self.loss, "samples_per_second": self.samples_per_second,
+            "checkpoint": r.checkpoint, "metrics": r.metrics,
+        }
+
+
+class ValidationResult(Payload):
+    """The validation images rendered at the final checkpoint, in order."""
+
+    images: list[str]
+
+
+class RunSummary(Payload):
+    """What a run did: the publish step stores it (plus dates) as ``run_summary.json``."""
+
+    output_dir: str
+    checkpoint: str
+    global_step: int
+    total_steps: int
+    segments: int
+    dataset_hash: str
+    cache: dict[str, Any]  # {"address", "built_now"}
+    dataset: dict[str, Any]  # DatasetSummary.counts()
+    run_name: str
+    flow_run_id: str | None
+    flow_run_name: str | None
+    segment_results: list[dict[str, Any]]  # SegmentSummary.row() of each segment
+
+
+class PublishResult(Payload):
+    """The URLs the publish step wrote under ``<output_dir>/lora/``."""
+
+    lora_dir: str
+    diffusers: str | None
+    kohya: str | None
+    readme: str
+    task: str
+    run_summary: str
+    validation: list[str]
+    metrics: str | None
+
+
+__all__ = [
+    "SKIPPED_SHOWN", "CacheSummary", "DatasetSummary", "Payload", "PublishResult", "RunSummary",
+    "SegmentRequest", "SegmentSummary", "ValidationResult",
+]
