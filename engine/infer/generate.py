@@ -84,7 +84,10 @@ def _tensors(data: bytes, location: str) -> dict[str, torch.Tensor]:
 
 
 def inspect_lora(path: str) -> dict[str, Any]:
-    """What a LoRA file holds: format, family guess, ranks, alphas, targets, metadata."""
+    """What a LoRA file holds: format, family guess, ranks, alphas, targets, metadata,
+    and which tools load it fully (``loads_fully_in``; ``other_tools``: what to use there)."""
+    from engine.lora.loaders import tool_support
+
     data = read_lora_bytes(path)
     tensors = _tensors(data, path)
     metadata = read_metadata(data)
@@ -99,6 +102,7 @@ def inspect_lora(path: str) -> dict[str, Any]:
     components: dict[str, int] = {}
     for m in modules:
         components[m.component] = components.get(m.component, 0) + 1
+    support = tool_support(fmt, family, modules)
     return {
         "path": storage.redact(path),
         "format": fmt,
@@ -111,6 +115,8 @@ def inspect_lora(path: str) -> dict[str, Any]:
         "alpha_stored": all(m.alpha is not None for m in modules),
         "scales": sorted({(m.alpha or m.rank) / m.rank for m in modules}),
         "target_kinds": sorted({m.kind for m in modules}),
+        "loads_fully_in": list(support.loads_fully_in),
+        "other_tools": support.elsewhere,
         "tensor_data_sha256": tensor_data_hash(data),
         "metadata": abbreviate_metadata(metadata),
     }
@@ -168,6 +174,8 @@ def format_report(report: dict[str, Any]) -> str:
         + ("" if report["alpha_stored"] else " (not stored: loaders use alpha = rank)"),
         f"scale:      {', '.join(f'{s:g}' for s in report['scales'])} (alpha / rank)",
         f"targets:    {', '.join(report['target_kinds'])}",
+        f"loads fully in: {', '.join(report['loads_fully_in']) or 'none known'}",
+        f"other tools:    {report['other_tools']}",
         f"data hash:  {report['tensor_data_sha256']}",
     ]
     if report["metadata"]:

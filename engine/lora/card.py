@@ -65,6 +65,7 @@ def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -
     sections = [
         _front_matter(facts),
         _summary(facts),
+        _which_file(files),
         _captions(captions),
         _settings(facts),
         _validation(files),
@@ -95,6 +96,35 @@ def _summary(facts: LoraFacts) -> str:
         f"trained by loraflow for {facts.steps} steps.",
         "",
     ])
+
+
+def _which_file(files: CardFiles) -> str:
+    """Which file each tool takes, first: the two files look alike and load differently.
+
+    The diffusers file loads fully in diffusers only: ComfyUI skips its UNet attention
+    keys and, as it reads alpha only from per-layer ``.alpha`` tensors (which diffusers
+    refuses in a file of this format), applies it at scale 1 (see engine.lora.loaders).
+    """
+    kohya = f"`{files.kohya}`" if files.kohya else None
+    diffusers = f"`{files.diffusers}`" if files.diffusers else None
+    rows = [
+        ("diffusers (`load_lora_weights`), `loraflow generate`", diffusers or kohya),
+        ("ComfyUI, AUTOMATIC1111 / Forge, InvokeAI",
+         kohya or "none published: add `\"kohya\"` to `output.lora_formats`"),
+    ]
+    lines = ["## Which file to use", "", "| tool | file |", "| --- | --- |"]
+    lines += [f"| {tool} | {name} |" for tool, name in rows]
+    lines.append("")
+    if diffusers:
+        lines += [
+            f"Do not give {diffusers} to ComfyUI, AUTOMATIC1111 / Forge or InvokeAI: "
+            "ComfyUI loads only part of it (it skips the UNet attention layers), at "
+            "strength 1 whatever the alpha. A file in the diffusers format cannot be "
+            "written so that ComfyUI loads it fully without breaking it for diffusers"
+            + (f"; the kohya file {kohya} loads fully in both." if kohya else "."),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def _captions(captions: list[str]) -> str:
@@ -150,7 +180,10 @@ def _validation(files: CardFiles) -> str:
 def _files(files: CardFiles) -> str:
     lines = ["## Files", ""]
     if files.diffusers:
-        lines.append(f"- `{files.diffusers}`: diffusers / PEFT format (for `load_lora_weights`).")
+        lines.append(
+            f"- `{files.diffusers}`: diffusers / PEFT format, for diffusers only "
+            "(`load_lora_weights`)."
+        )
     if files.kohya:
         lines.append(
             f"- `{files.kohya}`: kohya format (ComfyUI, AUTOMATIC1111 / Forge, InvokeAI)."

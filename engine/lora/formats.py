@@ -1,10 +1,13 @@
 """LoRA key formats: diffusers/PEFT (what we train and save) and kohya (what travels).
 
-The diffusers file (``pytorch_lora_weights.safetensors``) loads in diffusers only:
-ComfyUI and AUTOMATIC1111 map the kohya layout, one ``.safetensors`` with keys
+The diffusers file (``pytorch_lora_weights.safetensors``) loads fully in diffusers only
+(ComfyUI skips its UNet attention keys and ignores its alpha: see
+:mod:`engine.lora.loaders`). ComfyUI and AUTOMATIC1111 map the kohya layout, one
+``.safetensors`` with keys
 
 * ``lora_unet_<diffusers UNet module path, dots as underscores>.lora_down.weight``
   (= PEFT ``lora_A``), ``.lora_up.weight`` (= ``lora_B``) and ``.alpha`` (a scalar);
+  SDXL's ``add_embedding`` takes its original-layout name (:data:`KOHYA_UNET_LAYOUT_NAMES`);
 * text encoders: ``lora_te_`` (SD 1.x / 2.x) or ``lora_te1_`` / ``lora_te2_`` (SDXL)
   followed by the HF CLIP path ``text_model_encoder_layers_<N>_self_attn_q_proj``.
 
@@ -37,16 +40,31 @@ KOHYA_PREFIXES: dict[str, dict[str, str]] = {
 }
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+#: UNet modules named in the kohya file by their original (LDM / sgm) layout name, not the
+#: diffusers one. diffusers' kohya converter (0.42) strips the last ``.<digit>`` of every
+#: name holding "emb" that it has not mapped first, so ``add_embedding_linear_1`` and
+#: ``_2`` (SDXL) become one module and half the LoRA is dropped with a warning; it maps
+#: ``label_emb.0.0`` / ``label_emb.0.2`` before that step. ComfyUI maps both spellings
+#: (``lora_unet_`` + its own module names, and + the diffusers names of
+#: ``comfy.utils.unet_to_diffusers``), A1111 finds ``diffusion_model_label_emb_0_0``.
+#: Every other module family keeps the diffusers name, which all three map.
+KOHYA_UNET_LAYOUT_NAMES: dict[str, str] = {
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 _DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 _KOHYA_KEY = re.compile(
     r"^(lora_unet_|lora_te[12]?_)([^.]+)(\.lora_down\.weight|\.lora_up\.weight|\.alpha)$"
 )
-#: The CLIP text-encoder modules ComfyUI maps, as kohya names them (N is the layer).
+#: The CLIP text-encoder modules ComfyUI maps, as kohya names them (N is the layer), and
+#: the one more it maps for SDXL's second encoder (comfy/lora.py at commit 41444b5236c6).
 _COMFY_TE_MODULE = re.compile(
     r"^text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)$"
 )
+_COMFY_TE2_EXTRA = ("text_projection",)
 #: Top-level modules of a HF CLIP text model; kohya names them under ``text_model``.
 _CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
 
@@ -116,9 +134,12 @@ def kohya_module_path(component: str, module: str) -> str:
 
     Text encoders are named from the HF CLIP *model* (``text_model.encoder.layers...``),
     as kohya does; recent transformers flatten ``CLIPTextModel`` and diffusers then
-    writes ``encoder.layers...`` without ``text_model.``, so it is put back.
+    writes ``encoder.layers...`` without ``text_model.``, so it is put back. The UNet
+    modules in :data:`KOHYA_UNET_LAYOUT_NAMES` take their original-layout name.
     """
-    if component != "unet" and module.startswith(_CLIP_TEXT_MODEL_CHILDREN):
+    if component == "unet":
+        module = KOHYA_UNET_LAYOUT_NAMES.get(module, module)
+    elif module.startswith(_CLIP_TEXT_MODEL_CHILDREN):
         module = f"text_model.{module}"
     return module.replace(".", "_")
 
@@ -178,15 +199,19 @@ def comfyui_unmapped_keys(
     """Keys of a kohya LoRA that ComfyUI's documented key patterns would not map.
 
     ComfyUI builds its key map from the model: ``lora_unet_`` + each diffusers UNet
-    module name with dots as underscores, and for CLIP ``lora_te_`` (SD 1.x/2.x) or
+    module name with dots as underscores (or its original-layout name, for the modules
+    of :data:`KOHYA_UNET_LAYOUT_NAMES`), and for CLIP ``lora_te_`` (SD 1.x/2.x) or
     ``lora_te1_``/``lora_te2_`` (SDXL) + ``text_model_encoder_layers_N_`` + one of the
-    attention projections or MLP layers. A key outside that map is silently skipped by
-    ComfyUI, so the LoRA loads weaker or not at all; this lists such keys.
-    ``family`` is a :class:`engine.model.family.Family` or its name.
+    attention projections or MLP layers (and SDXL's ``lora_te2_text_projection``). A key
+    outside that map is silently skipped by ComfyUI, so the LoRA loads weaker or not at
+    all; this lists such keys. ``family`` is a :class:`engine.model.family.Family` or its
+    name.
     """
     family_name = getattr(family, "name", family)
     te_prefixes = [p for c, p in KOHYA_PREFIXES[family_name].items() if c != "unet"]
-    unet_names = {name.replace(".", "_") for name in unet_module_names if name}
+    names = [name for name in unet_module_names if name]
+    names += [KOHYA_UNET_LAYOUT_NAMES[name] for name in names if name in KOHYA_UNET_LAYOUT_NAMES]
+    unet_names = {name.replace(".", "_") for name in names}
     keys = kohya_tensors.keys() if isinstance(kohya_tensors, Mapping) else kohya_tensors
     return [k for k in keys if not _comfyui_maps(k, te_prefixes, unet_names)]
 
@@ -199,7 +224,10 @@ def _comfyui_maps(key: str, te_prefixes: list[str], unet_names: set[str]) -> boo
         return module.removeprefix("lora_unet_") in unet_names
     for prefix in te_prefixes:
         if module.startswith(prefix):
-            return bool(_COMFY_TE_MODULE.match(module.removeprefix(prefix)))
+            name = module.removeprefix(prefix)
+            if prefix == "lora_te2_" and name in _COMFY_TE2_EXTRA:
+                return True
+            return bool(_COMFY_TE_MODULE.match(name))
     return False
 
 
@@ -213,6 +241,8 @@ _KINDS: dict[str, str] = {
     "ff_net_2": "ff.net.2",
     "mlp_fc1": "mlp.fc1",
     "mlp_fc2": "mlp.fc2",
+    "label_emb_0_0": "linear_1",  # SDXL add_embedding in the kohya file
+    "label_emb_0_2": "linear_2",
     **{k: k for k in (
         "to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj", "out_proj", "proj_in",
         "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv1",
@@ -316,7 +346,7 @@ def _family_from_keys(names: list[str], modules: list[LoraModule]) -> tuple[str,
         return "sdxl", "has a second text encoder"
     if any(k.startswith("lora_te1_") for k in names):
         return "sdxl", "kohya SDXL text-encoder names (lora_te1_)"
-    if any("add_embedding" in m.name for m in modules):
+    if any("add_embedding" in m.name or "label_emb" in m.name for m in modules):
         return "sdxl", "adapts add_embedding (SDXL's added conditioning)"
     for m in modules:
         if m.component == "unet" and "attn2" in m.name and m.kind in ("to_k", "to_v"):

@@ -46,7 +46,9 @@ class MadeLora:
         return load_tensors(self.diffusers_bytes)
 
     def kohya_bytes(self) -> bytes:
-        return write_lora_file(diffusers_to_kohya(self.tensors, self.family, ALPHA), {})
+        """The kohya file, alpha per component from the diffusers file's header (as publish)."""
+        alphas = alphas_from_adapter_metadata(read_metadata(self.diffusers_bytes))
+        return write_lora_file(diffusers_to_kohya(self.tensors, self.family, alphas), {})
 
 
 def _randomise_lora(module: Any, generator: torch.Generator) -> None:
@@ -57,8 +59,18 @@ def _randomise_lora(module: Any, generator: torch.Generator) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def make_lora(location: str, family: str, *, text_encoders: bool, seed: int = 0) -> MadeLora:
-    """A rank-4, alpha-2 LoRA with random weights on the UNet (and text encoders)."""
+def make_lora(
+    location: str,
+    family: str,
+    *,
+    text_encoders: bool,
+    seed: int = 0,
+    unet_targets: list[str] | str = UNET_TARGETS,
+    text_targets: list[str] | str = TEXT_TARGETS,
+    text_alpha: float = ALPHA,
+) -> MadeLora:
+    """A rank-4 LoRA (alpha 2; ``text_alpha`` on the text encoders) with random weights on
+    the UNet (and text encoders); targets are PEFT ``target_modules`` (list or regex)."""
     import peft
     from diffusers import (
         StableDiffusionPipeline,
@@ -69,7 +81,7 @@ def make_lora(location: str, family: str, *, text_encoders: bool, seed: int = 0)
 
     generator = torch.Generator().manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
-    unet.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_TARGETS))
+    unet.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=unet_targets))
     _randomise_lora(unet, generator)
     encoders: dict[str, Any] = {}
     if text_encoders:
@@ -78,7 +90,7 @@ def make_lora(location: str, family: str, *, text_encoders: bool, seed: int = 0)
             cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
             encoder = cls.from_pretrained(location, subfolder=name)
             encoder.add_adapter(
-                peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TEXT_TARGETS)
+                peft.LoraConfig(r=RANK, lora_alpha=text_alpha, target_modules=text_targets)
             )
             _randomise_lora(encoder, generator)
             encoders[name] = encoder
