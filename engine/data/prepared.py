@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.data.dataset import default_dataset_address, open_dataset, prepare_dataset
+from engine.data.dataset import prepare_dataset
+from engine.data.identity import default_dataset_address
+from engine.data.layout import open_dataset
 from engine.model.embedded.registry import is_embedded, loraflow_home, resolve_dataset
 from engine.task.definition import DatasetArgs, TaskDefinition
 

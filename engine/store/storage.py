@@ -38,7 +38,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -60,6 +60,7 @@ __all__ = [
     "list_dirs",
     "list_files",
     "read_bytes",
+    "read_stream",
     "redact",
     "set_default_retry_policy",
     "remove",
@@ -555,3 +556,48 @@ def list_files(url: str, *, retry: RetryPolicy | None = None) -> list[str]:
         return sorted(str(name)[len(prefix) :] for name in found if str(name).startswith(prefix))
 
     return _with_retries("list", url, listing, retry)
+
+
+def read_stream(
+    url: str, *, chunk_size: int = 1024**2, retry: RetryPolicy | None = None
+) -> tuple[int | None, Generator[bytes, None, None]]:
+    """(size, chunks) of the file at ``url``, for files too big to hold (dataset archives).
+
+    The size (None where the storage does not say) comes first, so a caller with a cap
+    refuses before reading. Opening and every chunk are retried per the policy; a retried
+    chunk is read again from its offset, so no byte is lost or doubled. A missing file
+    raises ``FileNotFoundError``, a directory ``IsADirectoryError``. Close the iterator
+    (or read it to the end) to close the file.
+    """
+    fs, path = filesystem(url)
+
+    def probe() -> int | None:
+        _invalidate(fs, path)
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"{redact(url)} is a directory")
+        size = info.get("size")
+        return int(size) if size is not None else None
+
+    size = _with_retries("check", url, probe, retry)
+    return size, _chunks(url, fs, path, chunk_size, retry)
+
+
+def _chunks(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, chunk_size: int,
+    retry: RetryPolicy | None,
+) -> Generator[bytes, None, None]:
+    """The chunks of :func:`read_stream`: the file is opened on the first one."""
+    handle = _with_retries("open", url, lambda: fs.open(path, "rb"), retry)
+    offset = 0
+
+    def chunk() -> bytes:
+        handle.seek(offset)
+        return handle.read(chunk_size)
+
+    try:
+        while data := _with_retries("read", url, chunk, retry):
+            offset += len(data)
+            yield data
+    finally:
+        handle.close()

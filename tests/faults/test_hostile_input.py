@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data.dataset import DatasetError
+from engine.data.errors import DatasetError
 from engine.data.prepared import prepare_for_task
 from engine.errors import ExitCode
 from engine.model.loading import ModelLoadError, load_base_model

@@ -1,30 +1,19 @@
-"""engine.data.archive: safe fetch and extraction of untrusted dataset archives."""
+"""engine.data.archive_members and archive_extract: safe extraction of untrusted dataset
+archives (fetching them: tests/engine/data/test_archive_fetch.py)."""
 
 from __future__ import annotations
 
-import http.server
 import io
-import socket
 import struct
 import tarfile
-import threading
 import zipfile
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
-import fsspec
 import pytest
 
-from engine.data.archive import (
-    ArchiveError,
-    FetchError,
-    dataset_root,
-    detect_format,
-    extract,
-    fetch,
-    redact_url,
-)
+from engine.data.archive_extract import dataset_root, extract
+from engine.data.archive_members import detect_format
+from engine.data.errors import ArchiveError
 
 FILES = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)), "sub/deeper/c.txt": b"gamma"}
 
@@ -307,90 +296,3 @@ def test_existing_non_empty_dest_is_refused(tmp_path: Path, out: Path) -> None:
     with pytest.raises(ArchiveError, match="not empty"):
         extract(make_zip(tmp_path / "a.zip", FILES), out / "dest")
     assert (out / "dest" / "keep.txt").read_text() == "mine"
-
-
-# -- fetch -------------------------------------------------------------------------------
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(base URL, served folder) of a local HTTP server on a free port."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = partial(_QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def test_fetch_downloads_over_http(tmp_path: Path, http_root: tuple[str, Path]) -> None:
-    base, served = http_root
-    make_zip(served / "data.zip", FILES)
-    got = fetch(f"{base}/data.zip", tmp_path / "dl", progress=False)
-    assert got == tmp_path / "dl" / "data.zip"
-    assert got.read_bytes() == (served / "data.zip").read_bytes()
-    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["data.zip"]
-
-
-def test_fetch_404_is_a_clear_permanent_error(tmp_path: Path, http_root: tuple[str, Path]) -> None:
-    base, _ = http_root
-    with pytest.raises(FetchError, match="HTTP 404") as info:
-        fetch(f"{base}/missing.zip", tmp_path / "dl", progress=False)
-    assert not info.value.transient
-    assert list((tmp_path / "dl").iterdir()) == []
-
-
-def test_fetch_unreachable_host_is_a_transient_error(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nobody listens
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(FetchError, match="failed") as info:
-        fetch(f"http://127.0.0.1:{port}/x.zip", tmp_path / "dl", progress=False)
-    assert info.value.transient
-
-
-def test_fetch_over_the_size_cap_is_refused(tmp_path: Path, http_root: tuple[str, Path]) -> None:
-    base, served = http_root
-    (served / "big.zip").write_bytes(bytes(10_000))
-    with pytest.raises(FetchError, match="cap"):
-        fetch(f"{base}/big.zip", tmp_path / "dl", progress=False, max_bytes=5_000)
-    with pytest.raises(FetchError, match="cap"):
-        fetch(str(served / "big.zip"), tmp_path / "dl", progress=False, max_bytes=5_000)
-    assert list((tmp_path / "dl").iterdir()) == []
-
-
-def test_fetch_copies_local_paths_and_fsspec_urls(tmp_path: Path) -> None:
-    source = make_zip(tmp_path / "src.zip", FILES)
-    data = source.read_bytes()
-    assert fetch(str(source), tmp_path / "a", progress=False).read_bytes() == data
-    assert fetch(source.as_uri(), tmp_path / "b", progress=False).read_bytes() == data
-    fsspec.filesystem("memory").pipe_file("/test-archive/src.zip", data)
-    try:
-        got = fetch("memory://test-archive/src.zip", tmp_path / "c", progress=False)
-        assert got.read_bytes() == data
-    finally:
-        fsspec.filesystem("memory").rm("/test-archive", recursive=True)
-
-
-def test_fetch_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FetchError, match="not found"):
-        fetch(str(tmp_path / "nope.zip"), tmp_path / "dl", progress=False)
-
-
-def test_redact_url_hides_credentials() -> None:
-    url = "https://user:pw@host:8443/d/x.zip?X-Amz-Signature=abc&X-Amz-Credential=k&part=2"
-    shown = redact_url(url)
-    assert "pw" not in shown and "user" not in shown and "abc" not in shown
-    assert shown.startswith("https://host:8443/d/x.zip?") and "part=2" in shown
-    assert redact_url("/local/path.zip") == "/local/path.zip"

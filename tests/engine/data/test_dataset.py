@@ -1,73 +1,30 @@
-"""engine.data.dataset: preparing datasets into the normalized form, and reading it back."""
+"""engine.data.dataset: preparing datasets from every source form into the normalized form.
+
+Bad images: tests/engine/data/test_images.py; reading back and the commit:
+tests/engine/data/test_layout.py."""
 
 from __future__ import annotations
 
 import csv
 import http.server
-import io
 import json
-import struct
 import threading
 import uuid
 import zipfile
-import zlib
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pytest
-from PIL import Image
 
 import engine.data.dataset as dataset_module
-from engine.data.dataset import (
-    DatasetError,
-    DatasetManifest,
-    default_dataset_address,
-    open_dataset,
-    prepare_dataset,
-)
+from engine.data.errors import DatasetError
+from engine.data.identity import default_dataset_address
+from engine.data.layout import DatasetManifest, open_dataset
 from engine.model.embedded.demo_data import NUM_IMAGES, build_demo_data, make_sample
 from engine.task.definition import DatasetArgs
-
-# -- image and dataset builders ----------------------------------------------------------
-
-
-def png(width: int = 24, height: int = 16, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def image_folder(folder: Path, items: list[tuple[str, bytes, object]]) -> Path:
-    """An imagefolder: files plus metadata.jsonl with ``file_name`` and ``text``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "metadata.jsonl", "w") as meta:
-        for name, data, text in items:
-            (folder / name).write_bytes(data)
-            meta.write(json.dumps({"file_name": name, "text": text}) + "\n")
-    return folder
-
-
-def png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims a huge size (a decompression bomb's first bytes)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    idat = struct.pack(">I", 1 << 20) + b"IDAT" + b"\x00" * 64  # data "to follow"
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", len(ihdr))
-        + chunk
-        + struct.pack(">I", zlib.crc32(chunk))
-        + idat
-    )
+from tests.support.datasets import image_folder, png, prepare
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +60,6 @@ def http_base(demo) -> Iterator[str]:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
-
-
-def prepare(args: DatasetArgs, dest: str | Path, tmp_path: Path) -> DatasetManifest:
-    return prepare_dataset(args, str(dest), work_dir=tmp_path / "work")
 
 
 # -- the source forms --------------------------------------------------------------------
@@ -235,7 +188,7 @@ def test_second_prepare_of_same_source_reuses_the_result(
     def must_not_load(*a: object, **k: object) -> None:
         raise AssertionError("the source was loaded again")
 
-    monkeypatch.setattr(dataset_module, "_load_source", must_not_load)
+    monkeypatch.setattr(dataset_module, "load_source", must_not_load)
     assert prepare(args, tmp_path / "ds", tmp_path) == first
 
 
@@ -344,123 +297,3 @@ def test_foreign_files_at_dest_are_not_overwritten(demo, tmp_path: Path) -> None
     with pytest.raises(DatasetError, match="thesis.pdf"):
         prepare(DatasetArgs(name=str(demo.imagefolder)), tmp_path / "ds", tmp_path)
     assert (tmp_path / "ds" / "thesis.pdf").read_bytes() == b"precious"
-
-
-# -- bad images --------------------------------------------------------------------------
-
-
-def test_bad_images_are_skipped_with_a_report(tmp_path: Path) -> None:
-    good = png()
-    src = image_folder(
-        tmp_path / "src",
-        [
-            ("good.png", good, "good"),
-            ("empty.png", b"", "zero bytes"),
-            ("truncated.png", png(64, 64)[:60], "truncated"),
-            ("garbage.png", b"this is not an image at all" * 10, "corrupt"),
-            ("bomb.png", png_header_claiming(100_000, 100_000), "decompression bomb"),
-            ("tiny.png", png(4, 30), "too small"),
-            ("big.png", png_header_claiming(9000, 9000), "over our limit"),
-        ],
-    )
-    manifest = prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
-    assert manifest.count == 1
-    reasons = {s["index"]: s["reason"] for s in manifest.skipped}
-    ds = open_dataset(str(tmp_path / "ds"))
-    assert ds.captions(0) == ["good"] and ds.image_bytes(0) == good
-    assert sorted(reasons) == [1, 2, 3, 4, 5, 6]  # rows in metadata.jsonl order
-    assert "empty" in reasons[1]
-    assert "unreadable" in reasons[2] and "unreadable" in reasons[3]
-    assert "too large" in reasons[4] and "too large" in reasons[6]
-    assert "too small" in reasons[5]
-
-
-def test_dataset_without_usable_image_is_an_error(tmp_path: Path) -> None:
-    src = image_folder(tmp_path / "src", [("a.png", b"", "x"), ("b.png", b"junk" * 9, "y")])
-    with pytest.raises(DatasetError, match="no usable image"):
-        prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
-    assert not (tmp_path / "ds" / "manifest.json").exists()
-
-
-def test_exif_rotated_image_gets_its_rotated_size(tmp_path: Path) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = encoded(Image.new("RGB", (40, 20), (0, 128, 0)), "JPEG", exif=exif.tobytes())
-    src = image_folder(tmp_path / "src", [("r.jpg", data, "rotated")])
-    prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
-    ds = open_dataset(str(tmp_path / "ds"))
-    assert ds.size(0) == (20, 40)
-    assert ds.image(0).size == (20, 40)
-    assert ds.image_bytes(0) == data
-
-
-def _palette_with_transparent_half() -> Image.Image:
-    image = Image.new("P", (16, 16), 0)
-    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    image.paste(1, (8, 0, 16, 16))
-    image.info["transparency"] = 0
-    return image
-
-
-def _two_frame_gif() -> bytes:
-    frames = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
-    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-
-
-def test_unusual_modes_load_as_rgb(tmp_path: Path) -> None:
-    sixteen = Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16))
-    assert sixteen.mode == "I;16"
-    items = [
-        ("a-cmyk.jpg", encoded(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG"), "cmyk"),
-        ("b-16bit.png", encoded(sixteen, "PNG"), "16-bit"),
-        (
-            "c-palette.png",
-            encoded(_palette_with_transparent_half(), "PNG", transparency=0),
-            "palette with transparency",
-        ),
-        ("d-la.png", encoded(Image.new("LA", (16, 16), (0, 0)), "PNG"), "grey + alpha"),
-        ("e-anim.gif", _two_frame_gif(), "animated"),
-    ]
-    src = image_folder(tmp_path / "src", items)
-    manifest = prepare(DatasetArgs(name=str(src)), tmp_path / "ds", tmp_path)
-    assert manifest.count == 5, manifest.skipped
-    ds = open_dataset(str(tmp_path / "ds"))
-    images = [ds.image(i) for i in range(5)]
-    assert all(im.mode == "RGB" and im.size == (16, 16) for im in images)
-    cmyk, sixteen_rgb, palette, la, anim = images
-    assert cmyk.getpixel((4, 4)) == (255, 255, 255)
-    assert sixteen_rgb.getpixel((4, 4)) == (255, 255, 255)  # scaled, not clipped garbage
-    assert palette.getpixel((2, 2)) == (255, 255, 255)  # transparent: white background
-    assert palette.getpixel((12, 2)) == (255, 0, 0)
-    assert la.getpixel((2, 2)) == (255, 255, 255)
-    assert anim.getpixel((2, 2)) == (255, 0, 0)  # first frame
-
-
-# -- reading -----------------------------------------------------------------------------
-
-
-def test_open_refuses_unfinished_or_tampered_datasets(demo, tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no manifest"):
-        open_dataset(str(tmp_path / "nothing"))
-    prepare(DatasetArgs(name=str(demo.imagefolder)), tmp_path / "ds", tmp_path)
-    records = tmp_path / "ds" / "records.jsonl"
-    records.write_text(records.read_text().replace("red circle", "blue circle"))
-    with pytest.raises(DatasetError, match="content_hash"):
-        open_dataset(str(tmp_path / "ds"))
-
-
-def test_modified_image_is_detected_on_read(demo, tmp_path: Path) -> None:
-    prepare(DatasetArgs(name=str(demo.imagefolder)), tmp_path / "ds", tmp_path)
-    ds = open_dataset(str(tmp_path / "ds"))
-    (tmp_path / "ds" / "images" / "000003.png").write_bytes(png())
-    with pytest.raises(DatasetError, match="sha256"):
-        ds.image_bytes(3)
-
-
-def test_image_bytes_are_read_once_and_kept(demo, tmp_path: Path) -> None:
-    prepare(DatasetArgs(name=str(demo.imagefolder)), tmp_path / "ds", tmp_path)
-    ds = open_dataset(str(tmp_path / "ds"))
-    first = ds.image_bytes(5)
-    (tmp_path / "ds" / "images" / "000005.png").unlink()  # storage gone: memory still has it
-    assert ds.image_bytes(5) == first
-    assert ds.image(5).size == ds.size(5)

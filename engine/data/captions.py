@@ -1,0 +1,55 @@
+"""A source's columns and captions, checked before any image work.
+
+Captions: a string or a list of strings per example (the whole list is kept; the
+trainer picks one per step). Empty or missing captions are kept as ``[""]`` (training on
+some empty captions is legitimate) and counted; a caption column without a single
+non-empty caption is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.data.errors import DatasetError
+from engine.task.definition import DatasetArgs
+
+
+def check_columns(dataset: Any, args: DatasetArgs) -> None:
+    """Both named columns exist; else an error that lists the columns there are."""
+    existing = list(dataset.column_names)
+    for role, column in (
+        ("image_column", args.image_column),
+        ("caption_column", args.caption_column),
+    ):
+        if column not in existing:
+            raise DatasetError(
+                f"dataset.{role} {column!r} is not a column of the dataset; "
+                f"its columns are: {', '.join(existing)}"
+            )
+
+
+def normalized_captions(values: list[Any], column: str) -> list[list[str]]:
+    """Each example's captions as a non-empty list of strings (missing -> ``[""]``)."""
+    out = []
+    for i, value in enumerate(values):
+        if value is None:
+            out.append([""])
+        elif isinstance(value, str):
+            out.append([value])
+        elif isinstance(value, (list, tuple)) and all(
+            v is None or isinstance(v, str) for v in value
+        ):
+            out.append([v or "" for v in value] or [""])
+        else:
+            raise DatasetError(
+                f"caption column {column!r}, example {i}: expected text or a "
+                f"list of texts, got {type(value).__name__}"
+            )
+    if not any(has_text(c) for c in out):
+        raise DatasetError(f"caption column {column!r} has no non-empty caption")
+    return out
+
+
+def has_text(captions: list[str]) -> bool:
+    """Whether one example has a caption that is not blank."""
+    return any(c.strip() for c in captions)
