@@ -19,7 +19,8 @@ def test_no_engine_module_imports_prefect() -> None:
 
 def test_the_segment_command_loads_no_prefect_module() -> None:
     code = (
-        "import sys; import flows.cli, engine.train.segment, engine.train.cache, engine.lora.publish, "
+        "import sys; import flows.cli, engine.train.segment, engine.train.cache, "
+        "engine.lora.publish, "
         "engine.infer.validation, engine.infer.generate; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
     )

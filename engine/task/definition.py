@@ -257,7 +257,8 @@ class TaskDefinition(_Strict):
         None, min_length=1, description="Checkpoint of the previous segment to resume from."
     )
     version: TaskVersion = Field(
-        DEFAULT_DOCUMENT_VERSION, description="Task format version; older ones are migrated on load."
+        DEFAULT_DOCUMENT_VERSION,
+        description="Task format version; older ones are migrated on load.",
     )
     # loraflow additions
     output: OutputArgs = Field(

@@ -205,6 +205,10 @@ def inspect_output(out: Path) -> FolderState:
             pass  # already reported above
     return state
 
+def _describe_kill(trial: Any) -> str:
+    """``mode@seconds step N``: one kill of a chain, for the campaign's log."""
+    return f"{trial.mode}@{trial.killed_after_s:.2f}s step {trial.newest_step_after}"
+
 
 def checkpoint_bytes(folder: Path) -> dict[str, bytes]:
     """The parts that must match bit for bit (as tests/engine_helpers.checkpoint_bytes)."""
@@ -309,7 +313,8 @@ class Campaign:
         shutil.rmtree(out)
         seconds, log_path = self._finish(out)
         self.reference = checkpoint_bytes(out / "checkpoint")
-        records = [json.loads(x) for x in (out / "metrics" / "metrics.jsonl").read_text().splitlines()]
+        metrics_text = (out / "metrics" / "metrics.jsonl").read_text()
+        records = [json.loads(x) for x in metrics_text.splitlines()]
         self.run_seconds = seconds
         self.step_seconds = max(0.02, sum(r["seconds"] for r in records) / len(records))
         self.log(f"reference run: {seconds:.1f}s, {self.step_seconds * 1000:.0f} ms per step")
@@ -402,7 +407,7 @@ class Campaign:
                 result.faults_survived += len(survived)
             self.log(
                 f"chain {chain}: {len(chain_trials)} kill(s) "
-                f"[{', '.join(f'{t.mode}@{t.killed_after_s:.2f}s step {t.newest_step_after}'for t in chain_trials)}]"
+                f"[{', '.join(_describe_kill(t) for t in chain_trials)}]"
                 f" -> {'bitwise equal' if matched else 'MISMATCH'}"
             )
             shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Hostile input, end to end: task documents, dataset archives, images, pickles.
 
 Unit tests elsewhere cover each guard on its own (tests/engine/task/test_definition.py,
-tests/engine/data/test_archive.py, tests/engine/data/test_dataset.py, tests/engine/infer/test_generate.py); here the damage
+tests/engine/data/test_archive.py, tests/engine/data/test_dataset.py,
+tests/engine/infer/test_generate.py); here the damage
 goes in where a user's input goes in, ``loraflow validate`` / ``loraflow segment`` /
 ``loraflow inspect`` and ``run_segment``, and the test checks what comes out: exit code 2,
 a clear message, no traceback, nothing written where it must not be, nothing unpickled.

@@ -66,7 +66,8 @@ def checkpoint_bytes(checkpoint: str) -> dict[str, bytes]:
     """The files that must match bit for bit between equivalent runs."""
     folder = Path(checkpoint)
     state = json.loads((folder / "training_state.json").read_text())
-    exact_state = {k: state[k] for k in ("global_step", "epoch", "step_in_epoch", "optimizer", "lr_scheduler")}
+    exact_keys = ("global_step", "epoch", "step_in_epoch", "optimizer", "lr_scheduler")
+    exact_state = {k: state[k] for k in exact_keys}
     return {
         "lora": (folder / "pytorch_lora_weights.safetensors").read_bytes(),
         "optimizer": (folder / "optimizer.safetensors").read_bytes(),

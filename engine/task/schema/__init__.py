@@ -42,7 +42,8 @@ def render_markdown() -> str:
     lines = [
         "# The task definition, field by field",
         "",
-        "Generated from the pydantic model by `python -m engine.task.schema` (do not edit by hand).",
+        "Generated from the pydantic model by `python -m engine.task.schema` "
+        "(do not edit by hand).",
         "Fields whose meaning starts with *loraflow:* are loraflow additions; every other field",
         "has the name, default and meaning of the Crynux task format.",
         "",

@@ -162,7 +162,9 @@ def test_sensible_crynux_documents_are_accepted_with_their_values(doc: dict) -> 
 
 def test_unknown_key_is_refused_with_a_suggestion() -> None:
     doc = {**MINIMAL, "train_args": {"learnig_rate": 1e-4}}
-    assert problems_of(doc) == ["/train_args/learnig_rate: unknown field; did you mean learning_rate?"]
+    assert problems_of(doc) == [
+        "/train_args/learnig_rate: unknown field; did you mean learning_rate?"
+    ]
 
 
 def test_all_problems_are_reported_at_once_with_pointers() -> None:
@@ -170,7 +172,9 @@ def test_all_problems_are_reported_at_once_with_pointers() -> None:
         "model": {"name": ""},
         "dataset": {"name": "d"},
         "validation": {"num_images": 11},
-        "train_args": {"learning_rate": -1, "batch_size": "4", "lr_scheduler": {"lr_scheduler": "cos"}},
+        "train_args": {
+            "learning_rate": -1, "batch_size": "4", "lr_scheduler": {"lr_scheduler": "cos"}
+        },
         "lora": {"rank": 0},
     }
     problems = problems_of(doc)
@@ -179,7 +183,8 @@ def test_all_problems_are_reported_at_once_with_pointers() -> None:
     assert "/model/name: must not be empty" in problems
     assert "/validation/num_images: must be <= 10, got 11" in problems
     assert "/lora/rank: must be >= 1, got 0" in problems
-    assert any(p.startswith("/train_args/lr_scheduler/lr_scheduler: must be one of") for p in problems)
+    scheduler = "/train_args/lr_scheduler/lr_scheduler: must be one of"
+    assert any(p.startswith(scheduler) for p in problems)
 
 
 def test_missing_required_sections_are_named() -> None:
@@ -193,17 +198,38 @@ def test_missing_required_sections_are_named() -> None:
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({"dataset": {"name": "d", "url": "https://x/y.zip"}}, "/dataset: set exactly one of name and url; both are set"),
+        (
+            {"dataset": {"name": "d", "url": "https://x/y.zip"}},
+            "/dataset: set exactly one of name and url; both are set",
+        ),
         ({"dataset": {}}, "/dataset: set exactly one of name and url; neither is set"),
-        ({"train_args": {"num_train_steps": 10, "max_train_steps": 5}}, "/train_args/num_train_steps: must be <= max_train_steps (5), got 10"),
-        ({"train_args": {"resolution": 100}}, "/train_args/resolution: must be a positive multiple of 8"),
-        ({"train_args": {"max_train_steps": 100, "lr_scheduler": {"lr_scheduler": "cosine"}}}, "/train_args/lr_scheduler/lr_warmup_steps: warmup (500) is longer"),
-        ({"lora": {"target_modules": "to_q("}}, "/lora/target_modules: not a valid regular expression"),
+        (
+            {"train_args": {"num_train_steps": 10, "max_train_steps": 5}},
+            "/train_args/num_train_steps: must be <= max_train_steps (5), got 10",
+        ),
+        (
+            {"train_args": {"resolution": 100}},
+            "/train_args/resolution: must be a positive multiple of 8",
+        ),
+        (
+            {"train_args": {"max_train_steps": 100, "lr_scheduler": {"lr_scheduler": "cosine"}}},
+            "/train_args/lr_scheduler/lr_warmup_steps: warmup (500) is longer",
+        ),
+        (
+            {"lora": {"target_modules": "to_q("}},
+            "/lora/target_modules: not a valid regular expression",
+        ),
         ({"lora": {"init_lora_weights": "loftq"}}, "/lora/init_lora_weights: 'loftq'"),
-        ({"model": {"name": "v1-5-pruned.ckpt"}}, "/model/name: single-file checkpoints are not supported"),
+        (
+            {"model": {"name": "v1-5-pruned.ckpt"}},
+            "/model/name: single-file checkpoints are not supported",
+        ),
         ({"dataset": {"url": "not a url"}}, "/dataset/url: must be a URL"),
         ({"validation": {"prompt": " "}}, "/validation/prompt: must not be empty"),
-        ({"dataset": {"name": "d", "caption_column": "image"}}, "/dataset/caption_column: must differ from image_column"),
+        (
+            {"dataset": {"name": "d", "caption_column": "image"}},
+            "/dataset/caption_column: must differ from image_column",
+        ),
     ],
 )
 def test_cross_field_rules(changes: dict, expected: str) -> None:
@@ -219,12 +245,18 @@ def test_cross_field_rules(changes: dict, expected: str) -> None:
         ("[1, 2]", "(document): must be a JSON object, got array"),
         ('{"seed": NaN}', "(document): NaN is not valid JSON"),
         ('{"seed": Infinity}', "(document): Infinity is not valid JSON"),
-        ('{"train_args": {"learning_rate": 1e400}}', "/train_args/learning_rate: number out of range"),
+        (
+            '{"train_args": {"learning_rate": 1e400}}',
+            "/train_args/learning_rate: number out of range",
+        ),
         ('{"a": 1, "a": 2}', "(document): duplicate key 'a'"),
         ("[" * 100_000 + "]" * 100_000, "(document): document is nested too deeply"),
         ('{"version": "9.9.9"}', "/version: unknown task format version '9.9.9'"),
     ],
-    ids=["empty", "truncated", "array", "nan", "infinity", "overflow", "duplicate", "deep", "version"],
+    ids=[
+        "empty", "truncated", "array", "nan", "infinity", "overflow", "duplicate", "deep",
+        "version",
+    ],
 )
 def test_malformed_text_gives_one_clear_problem(text: str, expected: str) -> None:
     with pytest.raises(TaskValidationError) as info:
@@ -239,7 +271,9 @@ def test_missing_file_is_a_clear_problem(tmp_path: Path) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=8,
 )
 paths = st.lists(
