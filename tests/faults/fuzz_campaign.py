@@ -20,6 +20,9 @@ below its limit, integers with more digits than Python converts, numbers that ov
 infinity, huge strings.
 
     python tests/faults/fuzz_campaign.py --n 10000 [--seed 1] [--json summary.json]
+
+Why one module over 400 lines: a campaign is one program (mutators, runner, summary)
+that runs standalone; its parts mean nothing apart.
 """
 
 from __future__ import annotations

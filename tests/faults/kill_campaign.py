@@ -31,6 +31,9 @@ once: a fresh ``python -m flows.cli segment`` spends ~5 s on imports here, a for
 starts at model loading. The fork happens before any torch computation, which is safe.
 
     python tests/faults/kill_campaign.py --trials 200 [--seed 1] [--json summary.json]
+
+Why one module over 400 lines: a campaign is one program (kill modes, chains, the
+bitwise comparison, the summary) that runs standalone; its parts mean nothing apart.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ result of an undisturbed run; storage failures are a bounded, clear StorageError
 
 A test that documents a known engine gap is a strict xfail: it starts passing (and then
 fails as XPASS) when the engine is fixed, and the marker must go.
+
+Why one module over 400 lines: it is the README's reliability table, one test per row,
+kept in one place so the table and its proofs are read side by side.
 """
 
 from __future__ import annotations

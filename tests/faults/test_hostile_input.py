@@ -6,6 +6,9 @@ tests/engine/infer/test_generate.py); here the damage
 goes in where a user's input goes in, ``loraflow validate`` / ``loraflow segment`` /
 ``loraflow inspect`` and ``run_segment``, and the test checks what comes out: exit code 2,
 a clear message, no traceback, nothing written where it must not be, nothing unpickled.
+
+Why one module over 400 lines: one hostile input per test, end to end, in the order of
+the README's reliability table; the unit tests of each guard live with their modules.
 """
 
 from __future__ import annotations

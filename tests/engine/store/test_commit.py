@@ -3,6 +3,9 @@
 Also covers the storage helpers the checkpoints rest on (atomic writes, bounded retries,
 no retries on disk full, no credentials in URLs or messages). The same behaviour on a real
 S3 server is in test_s3_storage.py.
+
+Why one module over 400 lines: every case here is one contract (a checkpoint is whole or
+refused) on every storage kind; split, the storage parametrisation would be repeated.
 """
 
 from __future__ import annotations
