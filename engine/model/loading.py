@@ -3,19 +3,23 @@
 Components load through ``from_pretrained(name, subfolder=..., variant=..., revision=...)``,
 the same path for a Hub ID, a local folder, and loraflow's embedded tiny models (built to
 a local folder first). Weights load from safetensors only: a pickle file from the network
-is never unpickled.
+is never unpickled. A Hub model that is neither cached nor reachable is refused before
+diffusers is asked (see :mod:`engine.model.hub`): at once, and naming the cause.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine.errors import ConfigurationError, LoraflowError
+from engine.model import hub
 from engine.model.family import Family, detect_family
 from engine.model.precision import weight_dtype
 from engine.task.definition import DEFAULT_TEXT_TARGET_MODULES, ModelArgs, TaskDefinition
@@ -42,6 +46,20 @@ def resolve_model_location(model: ModelArgs) -> str:
     return resolve_model(model.name)
 
 
+def require_available(name: str, location: str, revision: str | None, filename: str,
+                      what: str = "model") -> None:
+    """Refuse, fast and plainly, a model that is no local path and cannot be had from the Hub.
+
+    ``filename`` is the file that makes it a model (``model_index.json``, ``config.json``).
+    """
+    if os.path.exists(location):
+        return
+    reason = hub.model_unavailable(location, filename, revision)
+    if reason is not None:
+        at = f" (revision {revision!r})" if revision and revision != "main" else ""
+        raise ModelLoadError(f"{what} {name!r}{at} {reason}")
+
+
 def _load_config(loader: Any, location: str, model: ModelArgs, subfolder: str | None) -> dict:
     try:
         kwargs = {"revision": model.revision}
@@ -52,14 +70,16 @@ def _load_config(loader: Any, location: str, model: ModelArgs, subfolder: str | 
         where = f"{subfolder}/ of " if subfolder else ""
         raise ModelLoadError(
             f"cannot read {where}model {model.name!r} (revision {model.revision!r}): {exc}"
+            f"{hub.explain(exc)}"
         ) from None
 
 
 def inspect_model(model: ModelArgs) -> tuple[str, Family]:
     """Find the model and read its family from model_index.json and configs (no weights)."""
+    location = resolve_model_location(model)
+    require_available(model.name, location, model.revision, "model_index.json")
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-    location = resolve_model_location(model)
     index = _load_config(DiffusionPipeline, location, model, None)
     detect_family(index, {}, {})  # refuse SD3, Flux, ... before looking for a unet/
     unet_config = _load_config(UNet2DConditionModel, location, model, "unet")
@@ -86,6 +106,15 @@ class BaseModel:
         return float(self.vae.config.scaling_factor)
 
 
+@contextmanager
+def _refused(what: str) -> Iterator[None]:
+    """A component that cannot be read is the user's problem (exit code 2), cause named."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {what}: {exc}{hub.explain(exc)}") from None
+
+
 def load_base_model(
     task: TaskDefinition, device: torch.device, *, with_vae: bool = True, with_text: bool = True
 ) -> BaseModel:
@@ -105,23 +134,25 @@ def load_base_model(
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot load {subfolder}/ of model {task.model.name!r} "
-                f"(variant {task.model.variant!r}): {exc}"
+                f"(variant {task.model.variant!r}): {exc}{hub.explain(exc)}"
             ) from None
 
     unet = load(UNet2DConditionModel, "unet", torch_dtype=dtype)
     unet.requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(
-        location, subfolder="scheduler", revision=task.model.revision
-    )
+    with _refused(f"scheduler/ of model {task.model.name!r}"):
+        scheduler = DDPMScheduler.from_pretrained(
+            location, subfolder="scheduler", revision=task.model.revision
+        )
     base = BaseModel(location, family, device, dtype, unet, scheduler)
     if with_vae:
         base.vae = load_vae(task, location, dtype, load).to(device).eval()
         base.vae.requires_grad_(False)
     if with_text:
         for i, (tok_dir, enc_dir) in enumerate(family.text_encoders):
-            base.tokenizers.append(AutoTokenizer.from_pretrained(
-                location, subfolder=tok_dir, revision=task.model.revision
-            ))
+            with _refused(f"{tok_dir}/ of model {task.model.name!r}"):
+                base.tokenizers.append(AutoTokenizer.from_pretrained(
+                    location, subfolder=tok_dir, revision=task.model.revision
+                ))
             cls = CLIPTextModelWithProjection if (family.is_sdxl and i == 1) else CLIPTextModel
             encoder = load(cls, enc_dir, dtype=dtype).to(device).eval()
             encoder.requires_grad_(False)
@@ -143,12 +174,14 @@ def load_vae(task: TaskDefinition, location: str, dtype: torch.dtype, load: Any)
         return load(AutoencoderKL, "vae", torch_dtype=vae_dtype)
     from engine.model.embedded.registry import resolve_model
 
+    vae_location = resolve_model(task.model.vae)
+    require_available(task.model.vae, vae_location, None, "config.json", "the VAE (model.vae)")
     try:
-        return AutoencoderKL.from_pretrained(
-            resolve_model(task.model.vae), torch_dtype=dtype, use_safetensors=True
-        )
+        return AutoencoderKL.from_pretrained(vae_location, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the VAE {task.model.vae!r} (model.vae): {exc}") from None
+        raise ModelLoadError(
+            f"cannot load the VAE {task.model.vae!r} (model.vae): {exc}{hub.explain(exc)}"
+        ) from None
 
 
 # -- the adapter ----------------------------------------------------------------------
