@@ -205,6 +205,30 @@ def generate_images(
     device: str | None = None,
 ) -> list[Image.Image]:
     """Render ``num_images`` images; each carries its A1111 ``parameters`` in ``.info``."""
+    pipe, lora_data = open_pipeline(
+        model, lora, lora_scale=lora_scale, revision=revision, variant=variant, device=device
+    )
+    named = (lora, lora_data, lora_scale) if lora and lora_data is not None else None
+    return render_images(
+        pipe, model, named, prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+        height=height, num_images=num_images, negative_prompt=negative_prompt,
+    )
+
+
+def open_pipeline(
+    model: str,
+    lora: str | None,
+    *,
+    lora_scale: float = 1.0,
+    revision: str = "main",
+    variant: str | None = None,
+    device: str | None = None,
+) -> tuple[Any, bytes | None]:
+    """(pipeline on ``device`` with ``lora`` loaded at ``lora_scale``, the LoRA's bytes).
+
+    Apart from :func:`render_images`, so that a long-lived caller (``loraflow demo``)
+    loads the model once and renders many times.
+    """
     from engine.infer.pipeline import load_pipeline
     from engine.model.loading import training_device
     from engine.task.definition import ModelArgs
@@ -217,6 +241,25 @@ def generate_images(
         load_lora(pipe, lora_data, lora, family.name, lora_scale)
     pipe.to(torch.device(device) if device else training_device())
     pipe.set_progress_bar_config(disable=True)
+    return pipe, lora_data
+
+
+def render_images(
+    pipe: Any,
+    model: str,
+    lora: tuple[str, bytes, float] | None,
+    prompt: str,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int = 1,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """Render with an opened pipeline as it is; ``lora`` (location, bytes, scale) only
+    names the LoRA in the images' ``parameters`` (None: the base model's images)."""
     images = []
     for i in range(num_images):
         image = pipe(
@@ -231,7 +274,7 @@ def generate_images(
         image.info["parameters"] = image_parameters(
             prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
             size=image.size, sampler=type(pipe.scheduler).__name__, model=model,
-            lora=(lora, lora_data, lora_scale) if lora_data is not None else None,
+            lora=lora,
         )
         images.append(image)
     return images
@@ -261,8 +304,13 @@ def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: fl
                 f"diffusers cannot load {storage.redact(location)} into this {family_name} "
                 f"model: {exc}"
             ) from None
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
+    set_lora_scale(pipe, scale)
     _apply_prediction_type(pipe, read_metadata(data).get("modelspec.prediction_type"))
+
+
+def set_lora_scale(pipe: Any, scale: float) -> None:
+    """Set the strength of the LoRA :func:`load_lora` loaded (0: the base model's images)."""
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
 
 
 def _apply_prediction_type(pipe: Any, spec_value: str | None) -> None:

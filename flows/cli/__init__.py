@@ -5,6 +5,7 @@
 * :mod:`flows.cli.train`: ``validate``, ``schema``, ``segment``, ``run``, ``retry``;
 * :mod:`flows.cli.serve`: ``serve``, ``serve-segments``;
 * :mod:`flows.cli.lora`: ``generate``, ``inspect``;
+* :mod:`flows.cli.demo`: ``demo`` (a web page; the optional ``[demo]`` extra);
 * :mod:`flows.cli.models`: ``tiny-model``, ``demo-data``;
 * :mod:`flows.cli.bench`: ``bench``.
 

@@ -12,21 +12,59 @@ import argparse
 import logging
 import sys
 
-from flows.cli import bench, lora, models, serve, train
+from engine.errors import ExitCode
+from flows.cli import bench, demo, lora, models, serve, train
 
 #: The command groups, in the order ``loraflow --help`` lists them.
-GROUPS = (train, serve, lora, models, bench)
+GROUPS = (train, serve, lora, demo, models, bench)
 #: Chatty at INFO, and nothing in them a user acts on.
 NOISY_LOGGERS = ("httpx", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec")
 INTERRUPTED_BY_USER = 130  # the shell's code for SIGINT
+
+
+#: What each exit code means, for ``loraflow --help`` (a test keeps it complete).
+EXIT_CODE_MEANINGS = (
+    (ExitCode.OK, "success"),
+    (ExitCode.FAILED, "unexpected error, a bug: the traceback is printed"),
+    (ExitCode.BAD_INPUT, "bad input: task, override, dataset, model or checkpoint refused"),
+    (ExitCode.BUDGET_TOO_SHORT, "the time budget cannot fit one step and a checkpoint"),
+    (ExitCode.STORAGE, "storage unreachable or full after retries"),
+    (ExitCode.INTERRUPTED, "stopped by SIGTERM/SIGINT after committing a checkpoint"),
+    (INTERRUPTED_BY_USER, "interrupted by Ctrl-C (segment: the second one), not committed"),
+)
+EXAMPLES = """\
+first run (a tiny model and demo data, built locally):
+  loraflow run examples/quickstart.json --output-dir runs/quickstart
+change a field without editing the file:
+  loraflow run task.json train_args.learning_rate=5e-5 lora.rank=16 --output-dir runs/x
+"""
+
+
+def version() -> str:
+    """The installed package's version (``pip install -e .`` installs it)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("loraflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS)
+    return f"{EXAMPLES}\nexit codes:\n{codes}\n\n'loraflow COMMAND --help' shows an example."
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraflow",
         description="Fine-tune Stable Diffusion LoRA adapters in time-boxed, resumable segments.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"loraflow {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(subparsers)
@@ -48,11 +86,24 @@ def configure_logging(verbose: bool) -> None:
         quiet_libraries()
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that ``KEY.PATH=VALUE`` overrides may also follow the options
+    (``run task.json --output-dir x lora.rank=8``): argparse alone takes them only right
+    after the task file."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra and (late != extra or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code."""
     from engine.errors import LoraflowError
 
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     configure_logging(args.verbose)
     try:
         return args.func(args)
