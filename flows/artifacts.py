@@ -1,18 +1,21 @@
 """What a person sees of a fine-tuning run in the Prefect UI: progress, metrics, results.
 
-Three artifacts per run, keyed by the run's name so that the Artifacts page keeps one
-history per run folder:
+Four artifacts per run, keyed by the run folder (:func:`run_key`) so that the Artifacts
+page keeps one history per run folder:
 
-* ``<run>-progress``: a progress bar (training steps done / total), updated as each
-  segment finishes;
+* ``<run>-progress``: a progress bar (training steps done / total), moved every few
+  seconds while a segment trains (``tasks.progress``) and after each segment;
 * ``<run>-segments``: a table, one row per segment: steps, mean loss, seconds, samples/s;
+* ``<run>-curve``: a chart of the loss and learning rate by step, after each segment;
 * ``<run>-result``: markdown with the validation images and where the LoRA went.
 """
 
 from __future__ import annotations
 
 import base64
-import re
+import hashlib
+import io
+import json
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -23,20 +26,26 @@ from prefect.artifacts import (
 )
 
 from engine.store import storage
+from flows.charts import MEAN_WINDOW, moving_mean, training_chart
+from flows.run_names import slug
 from tasks.payloads import PublishResult, RunSummary, SegmentSummary, ValidationResult
+from tasks.progress import percent
 
 #: Images up to this size are inlined as data URIs (the UI cannot fetch s3:// links).
 INLINE_IMAGE_BYTES = 256 * 1024
+#: Longest side of a validation image's inline thumbnail; the full file is linked.
+THUMBNAIL_PIXELS = 256
 
 
 def run_key(output_dir: str) -> str:
-    """An artifact key from the run folder's name: lowercase letters, digits, dashes."""
-    name = storage.basename(output_dir) or "run"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "run"
+    """An artifact key for a run folder: its name and 8 hex digits of its full location.
 
-
-def percent(done_steps: int, total_steps: int) -> float:
-    return 100.0 if total_steps <= 0 else round(100.0 * done_steps / total_steps, 1)
+    Lowercase letters, digits and dashes (what Prefect accepts). The name alone made two
+    runs into different parents named ``quickstart/`` share keys, and so one history.
+    """
+    name = slug(storage.basename(output_dir))[:39].strip("-") or "run"
+    digest = hashlib.sha256(storage.redact(output_dir).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 def start_progress(output_dir: str, done_steps: int, total_steps: int) -> UUID:
@@ -81,15 +90,80 @@ def show_segments(output_dir: str, segments: list[SegmentSummary]) -> UUID:
     )
 
 
-def _image_markdown(url: str, caption: str) -> str:
-    """Inline a small PNG as a data URI; link a large one (or one that cannot be read)."""
+def training_curve(segments: list[SegmentSummary]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, losses, learning rates) of every step trained so far, from the segments'
+    ``metrics.jsonl``; a step is counted once. A file that cannot be read is left out:
+    the chart is for people, and the run must not fail over it."""
+    by_step: dict[int, dict] = {}
+    for segment in segments:
+        if not segment.result.metrics:
+            continue
+        try:
+            lines = storage.read_bytes(segment.result.metrics).splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, ValueError):
+            continue
+        for record in records:
+            by_step.setdefault(int(record["global_step"]), record)
+    steps = sorted(by_step)
+    return (steps, [float(by_step[s]["loss"]) for s in steps],
+            [float(by_step[s]["lr"]) for s in steps])
+
+
+def show_curve(output_dir: str, segments: list[SegmentSummary]) -> UUID | None:
+    """The loss / lr chart of the run so far (a PNG inline in markdown); None if no steps."""
+    steps, losses, lrs = training_curve(segments)
+    if not steps:
+        return None
+    chart = base64.b64encode(training_chart(steps, losses, lrs)).decode("ascii")
+    total = segments[-1].result.total_steps
+    lines = [
+        f"# Training curve: steps {steps[0]}-{steps[-1]} of {total}",
+        "",
+        f"![loss and learning rate by step](data:image/png;base64,{chart})",
+        "",
+        f"- last loss: **{losses[-1]:.4f}** (mean of the last {min(MEAN_WINDOW, len(steps))} "
+        f"steps: {moving_mean(losses)[-1]:.4f})",
+        f"- learning rate: {lrs[-1]:.3e}",
+    ]
+    return create_markdown_artifact(
+        "\n".join(lines),
+        key=f"{run_key(output_dir)}-curve",
+        description="Loss and learning rate by step, updated after each segment",
+    )
+
+
+def thumbnail_png(data: bytes, pixels: int = THUMBNAIL_PIXELS) -> bytes | None:
+    """A PNG of at most ``pixels`` a side (the image itself if it already is one and is
+    small enough to inline); None if ``data`` is not an image Pillow can read."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if max(image.size) <= pixels and image.format == "PNG" \
+                    and len(data) <= INLINE_IMAGE_BYTES:
+                return data
+            small = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    small.thumbnail((pixels, pixels), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def image_markdown(url: str, caption: str) -> str:
+    """A thumbnail inlined as a data URI (the UI cannot fetch s3:// or local links), whatever
+    the image's size; a link where the image cannot be read at all."""
     try:
         data = storage.read_bytes(url)
     except OSError:
-        return f"- [{caption}]({url})"
-    if len(data) > INLINE_IMAGE_BYTES:
-        return f"- [{caption}]({url})"
-    encoded = base64.b64encode(data).decode("ascii")
+        data = b""
+    thumbnail = thumbnail_png(data) if data else None
+    if thumbnail is None or len(thumbnail) > INLINE_IMAGE_BYTES:
+        return f"- [{caption}]({storage.redact(url)})"
+    encoded = base64.b64encode(thumbnail).decode("ascii")
     return f"![{caption}](data:image/png;base64,{encoded})"
 
 
@@ -108,10 +182,13 @@ def show_result(summary: RunSummary, published: PublishResult,
         if url:
             lines.append(f"- {label}: `{storage.redact(url)}`")
     lines += ["", "## Validation images (final checkpoint)", ""]
+    if images:
+        lines += [f"Thumbnails (at most {THUMBNAIL_PIXELS} px a side); the full-size files "
+                  "are listed below.", ""]
     lines += [
-        _image_markdown(url, storage.basename(url)) + "\n" for url in images
+        image_markdown(url, storage.basename(url)) + "\n" for url in images
     ] or ["(none)"]
-    lines += ["", "Image files:", ""] + [f"- `{storage.redact(u)}`" for u in images]
+    lines += ["", "Image files (full size):", ""] + [f"- `{storage.redact(u)}`" for u in images]
     return create_markdown_artifact(
         "\n".join(lines),
         key=f"{run_key(summary.output_dir)}-result",

@@ -23,6 +23,7 @@ from engine.task.definition import TaskDefinition
 from engine.task.validation import TaskValidationError, cross_field_problems
 from engine.train.plan import TrainingPlan
 from flows import artifacts
+from flows.run_names import readable_run_name
 from tasks.cache import build_cache
 from tasks.dataset import prepare_dataset
 from tasks.payloads import (
@@ -84,7 +85,21 @@ def check_task(task: TaskDefinition) -> None:
         raise TaskValidationError(problems, "task")
 
 
-@flow(name="finetune")
+def name_this_run() -> str:
+    """The flow run's name in the UI: ``quickstart-2026-12-01-2315`` (see flows.run_names).
+
+    From the parameters and the scheduled start, both fixed for a flow run: a retry gets
+    the same name again (and ``{flow_run_name}`` in ``output_dir`` the same folder).
+    """
+    parameters = flow_run.parameters
+    try:
+        return readable_run_name(str(parameters.get("output_dir") or ""),
+                                 parameters.get("task"), flow_run.scheduled_start_time)
+    except Exception:  # noqa: BLE001 - a name must never fail a run (Prefect would fail it)
+        return readable_run_name("", None, flow_run.scheduled_start_time)
+
+
+@flow(name="finetune", flow_run_name=name_this_run)
 def finetune(
     task: TaskDefinition,
     output_dir: str,
@@ -92,6 +107,7 @@ def finetune(
     data_dir: str | None = None,
     budget_seconds: float | None = None,
     segment_deployment: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Fine-tune a LoRA for ``task``; publish it under ``output_dir``/lora.
 
@@ -108,6 +124,9 @@ def finetune(
             ``finetune-segment`` (e.g. ``finetune-segment/gpu``), so segments land on
             whichever worker is free; default: in this flow run's process. Needs
             ``output_dir`` (and ideally ``cache_dir``) on storage every worker sees.
+        overrides: the ``key.path=value`` overrides already applied to ``task`` (by
+            ``loraflow run task.json lora.rank=16``): recorded in the run summary, so
+            the run says how it differs from its task file.
 
     Returns:
         the run summary (JSON-able): totals, ``lora`` (the published URLs),
@@ -153,6 +172,7 @@ def finetune(
         flow_run_id=flow_run.id,
         flow_run_name=flow_run.name,
         segment_results=[s.row() for s in segments],
+        overrides=[storage.redact(text) for text in overrides or []],
     )
     published: PublishResult = publish.with_options(task_run_name=f"publish step {step}")(
         task, checkpoint, output_dir, dataset, validation,
@@ -170,8 +190,10 @@ def train_all_segments(
 ) -> list[SegmentSummary]:
     """Segments, each from the previous one's checkpoint, until the training is finished.
 
-    Here or, with ``segment_deployment``, each on whichever worker serves it; the UI's
-    progress bar and segment table are updated after each one.
+    Here or, with ``segment_deployment``, each on whichever worker serves it. The UI's
+    progress bar moves while a segment trains (the segment updates it by id, from
+    whichever process it runs in); the segment table and the loss / lr chart are
+    updated after each segment.
     """
     step = start_step_of(task)
     progress = artifacts.start_progress(output_dir, step, plan.total_steps)
@@ -187,16 +209,17 @@ def train_all_segments(
         )
         if segment_deployment:
             segment = dispatch_segment.with_options(task_run_name=name)(
-                segment_deployment, request, name
+                segment_deployment, request, name, progress_artifact=str(progress)
             )
         else:
             segment = train_segment.with_options(
                 task_run_name=name, timeout_seconds=backstop_timeout(budget_seconds)
-            )(request)
+            )(request, progress_artifact=str(progress))
         segments.append(segment)
         checkpoint, step = segment.result.checkpoint, segment.result.global_step
         artifacts.show_progress(progress, step, plan.total_steps)
         artifacts.show_segments(output_dir, segments)
+        artifacts.show_curve(output_dir, segments)
         if segment.result.finished:
             return segments
     raise RuntimeError(  # pragma: no cover - guarded by the engine (BudgetTooShortError)
@@ -209,7 +232,7 @@ def run_result(summary: RunSummary, published: PublishResult,
     """The flow's return value: what ``loraflow run`` prints and ``retry`` hands back."""
     totals = summary.model_dump(include={
         "output_dir", "checkpoint", "global_step", "total_steps", "segments",
-        "dataset_hash", "cache",
+        "dataset_hash", "cache", "overrides",
     })
     return {
         **totals,
@@ -220,14 +243,16 @@ def run_result(summary: RunSummary, published: PublishResult,
 
 
 @flow(name="finetune-segment")
-def finetune_segment(request: SegmentRequest, name: str = "segment") -> SegmentSummary:
+def finetune_segment(request: SegmentRequest, name: str = "segment",
+                     progress_artifact: str | None = None) -> SegmentSummary:
     """One segment as its own flow run, for ``finetune(segment_deployment=...)``.
 
     Served by every GPU worker (``loraflow serve-segments`` or a work pool deployment);
     whichever is free picks the next segment up. Its summary is also written to the
     segment folder (``result.json``), which is how the orchestrating run reads it.
-    ``name`` names the segment's task run (``segment-3 steps 300-400``).
+    ``name`` names the segment's task run (``segment-3 steps 300-400``);
+    ``progress_artifact`` is the orchestrating run's progress bar, moved as it trains.
     """
     return train_segment.with_options(
         task_run_name=name, timeout_seconds=backstop_timeout(request.budget_seconds)
-    )(request)
+    )(request, progress_artifact=progress_artifact)

@@ -106,8 +106,12 @@ def start_prefect() -> None:
 def run_here(
     task: TaskDefinition, output_dir: str, *, cache_dir: str | None = None,
     data_dir: str | None = None, budget_seconds: float | None = None,
+    overrides: list[str] | None = None,
 ) -> Any:
-    """Run ``finetune`` in this process; return its final state (see :func:`outcome`)."""
+    """Run ``finetune`` in this process; return its final state (see :func:`outcome`).
+
+    ``overrides``: the command line's ``key.path=value`` already applied to ``task``, for
+    the run summary."""
     start_prefect()
     from flows.finetune import finetune
 
@@ -117,6 +121,7 @@ def run_here(
         cache_dir=absolute_location(cache_dir),
         data_dir=absolute_location(data_dir),
         budget_seconds=budget_seconds,
+        overrides=list(overrides or []),
         return_state=True,
     )
 

@@ -32,14 +32,23 @@ from tasks.user_errors import retry_unless_bad_input
 RUN_SCOPED = INPUTS + TASK_SOURCE + RUN_ID
 
 
-def step(name: str, *, retries: int = 2, retry_delay_seconds: float = 5) -> Callable[[Any], Any]:
-    """``@task`` for a pipeline step: run-scoped cache, retries except on bad input."""
+def step(name: str, *, retries: int = 2, retry_delay_seconds: float = 5,
+         not_in_cache_key: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """``@task`` for a pipeline step: run-scoped cache, retries except on bad input.
+
+    ``not_in_cache_key`` names parameters that do not change the result (where progress
+    is shown): a retried flow run hands them new values and must still find the step.
+    """
+    inputs = INPUTS
+    for parameter in not_in_cache_key:
+        inputs = inputs - parameter
+    policy = inputs + TASK_SOURCE + RUN_ID  # RUN_SCOPED, less those parameters
     return task(
         name=name,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=retry_unless_bad_input,
-        cache_policy=RUN_SCOPED,
+        cache_policy=policy if not_in_cache_key else RUN_SCOPED,
     )
 
 

@@ -128,6 +128,7 @@ class RunSummary(Payload):
     flow_run_id: str | None
     flow_run_name: str | None
     segment_results: list[dict[str, Any]]  # SegmentSummary.row() of each segment
+    overrides: list[str] = []  # command-line key.path=value applied to the task file
 
 
 class PublishResult(Payload):

@@ -25,11 +25,13 @@ from prefect.runtime import flow_run, task_run
 
 from engine.store import storage
 from engine.train.options import SegmentOptions
+from engine.train.progress import StepBar, all_of, console_progress_wanted
 from engine.train.segment import run_segment
 from tasks import step
 from tasks.cache import cache_root
 from tasks.logging_bridge import engine_logs_to_prefect
 from tasks.payloads import SegmentRequest, SegmentSummary
+from tasks.progress import ArtifactProgress
 
 #: Written after the segment: its summary, for a caller that ran it elsewhere.
 RESULT_FILE = "result.json"
@@ -82,25 +84,39 @@ def metrics_summary(metrics_url: str | None) -> dict[str, Any]:
     }
 
 
-@step("train-segment")
-def train_segment(request: SegmentRequest) -> SegmentSummary:
+@step("train-segment", not_in_cache_key=("progress_artifact",))
+def train_segment(request: SegmentRequest, progress_artifact: str | None = None) -> SegmentSummary:
     """Run segment ``request.index`` from ``request.checkpoint``; return its summary.
 
     Runs without in-segment validation images: the flow renders them once, at the final
     checkpoint, from the LoRA *file* (what a user loads); per-segment images would cost
     every segment time that belongs to training.
+
+    Progress as it trains: a bar on this process's console (unless ``LORAFLOW_QUIET``) and,
+    given the run's ``progress_artifact`` id, that artifact every few seconds. The id is
+    not part of the cache key: a retried flow run makes a new artifact and must still
+    find the segments it completed.
     """
     out_dir = segment_dir(request.output_dir, request.index)
+    bar = StepBar() if console_progress_wanted() else None
+    artifact = ArtifactProgress(progress_artifact) if progress_artifact else None
     options = SegmentOptions(
         checkpoint=request.checkpoint,
         budget_seconds=request.budget_seconds,
         data_root=request.data_dir,
         cache_root=cache_root(request.cache_dir),
         validate=False,
+        on_step=all_of(bar, artifact),
     )
     record_attempt(out_dir)
-    with engine_logs_to_prefect():
-        result = run_segment(request.task, out_dir, options)
+    try:
+        with engine_logs_to_prefect():
+            result = run_segment(request.task, out_dir, options)
+    finally:
+        if bar is not None:
+            bar.close()
+    if artifact is not None:
+        artifact.flush()
     summary = SegmentSummary(
         index=request.index,
         output_dir=out_dir,
@@ -123,20 +139,25 @@ class SegmentRunFailed(RuntimeError):
     """A segment dispatched to a deployment ended without completing."""
 
 
-@step("dispatch-segment", retry_delay_seconds=10)
-def dispatch_segment(deployment: str, request: SegmentRequest, name: str) -> SegmentSummary:
+@step("dispatch-segment", retry_delay_seconds=10, not_in_cache_key=("progress_artifact",))
+def dispatch_segment(deployment: str, request: SegmentRequest, name: str,
+                     progress_artifact: str | None = None) -> SegmentSummary:
     """Run a segment as a flow run of ``deployment``: on whichever worker is free.
 
     Only addresses go to the worker and come back (the summary is read from the
     segment's ``result.json``), so the worker needs the same storage, nothing else. If
     the worker crashes, this task's retry dispatches the segment again, to any worker;
-    it resumes from the same input checkpoint.
+    it resumes from the same input checkpoint. The worker moves the run's
+    ``progress_artifact`` itself, through the API, as it trains.
     """
     from prefect.deployments import run_deployment
 
+    parameters = {"request": request.model_dump(mode="json"), "name": name}
+    if progress_artifact:
+        parameters["progress_artifact"] = progress_artifact
     run = run_deployment(
         deployment,
-        parameters={"request": request.model_dump(mode="json"), "name": name},
+        parameters=parameters,
         timeout=None,  # waits for a free worker as long as it takes; the segment times itself
         poll_interval=3,
     )

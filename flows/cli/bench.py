@@ -66,7 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_commands(subparsers: Any) -> None:
     """Register ``bench`` on the CLI's subparsers object."""
     p = add_subcommand(subparsers, "bench", cmd_bench,
-                       "measure training speed, memory, FLOPs and segment restart cost")
+                       "measure training speed, memory, FLOPs and segment restart cost",
+                       example="loraflow bench --family tiny-sd1 --json bench.json")
     p.add_argument("--family", choices=list(FAMILY_CHOICES),
                    help="model: full-size architecture (random weights) or tiny (default tiny-sd1)")
     p.add_argument("--resolution", type=int, help="pixels (default: the family's native size)")

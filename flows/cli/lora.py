@@ -53,7 +53,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def add_commands(subparsers: Any) -> None:
     """Register ``generate`` and ``inspect`` on the CLI's subparsers object."""
     p = add_subcommand(subparsers, "generate", cmd_generate,
-                       "render images with a base model and a LoRA (diffusers or kohya file)")
+                       "render images with a base model and a LoRA (diffusers or kohya file)",
+                       example="loraflow generate --model loraflow/tiny-sd1 --lora "
+                               "runs/quickstart/lora/pytorch_lora_weights.safetensors "
+                               "--prompt 'a red circle' --output-dir images")
     p.add_argument(
         "--model", required=True, help="base model: Hub id, local folder or loraflow/tiny-*"
     )
@@ -75,6 +78,7 @@ def add_commands(subparsers: Any) -> None:
     p = add_subcommand(
         subparsers, "inspect", cmd_inspect,
         "show what a LoRA file holds: format, family, rank, alpha, targets, metadata",
+        example="loraflow inspect runs/quickstart/lora/pytorch_lora_weights.safetensors",
     )
     p.add_argument("file", help="LoRA .safetensors file (path or URL)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -29,10 +29,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def add_commands(subparsers: Any) -> None:
     """Register ``tiny-model`` and ``demo-data``."""
     p = add_subcommand(subparsers, "tiny-model", cmd_tiny_model,
-                       "build a tiny random-weight model in diffusers layout")
+                       "build a tiny random-weight model in diffusers layout",
+                       example="loraflow tiny-model tiny-sd1 models/tiny-sd1")
     p.add_argument("name", choices=list(TINY_MODELS))
     p.add_argument("dir", help="output folder")
 
     p = add_subcommand(subparsers, "demo-data", cmd_demo_data,
-                       "build the demo dataset (imagefolder, parquet, zip)")
+                       "build the demo dataset (imagefolder, parquet, zip)",
+                       example="loraflow demo-data data/demo")
     p.add_argument("dir", help="output folder")

@@ -55,6 +55,8 @@ def add_commands(subparsers: Any) -> None:
     p = add_subcommand(
         subparsers, "serve", cmd_serve,
         "serve the finetune flow as a deployment (runs from the UI, API or a schedule)",
+        example="loraflow serve examples/quickstart.json --output-dir 'runs/{flow_run_name}' "
+                "--cron '0 3 * * *'",
     )
     p.add_argument("task", help="task JSON file: the deployment's default parameters")
     p.add_argument("--output-dir", required=True,
@@ -75,6 +77,7 @@ def add_commands(subparsers: Any) -> None:
     p = add_subcommand(
         subparsers, "serve-segments", cmd_serve_segments,
         "serve the finetune-segment flow: this machine trains segments handed to it",
+        example="loraflow serve-segments --name gpu",
     )
     p.add_argument("--name", default="gpu", help="deployment name (default: gpu)")
     p.add_argument("--limit", type=int, default=1,

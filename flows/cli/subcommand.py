@@ -10,9 +10,16 @@ from typing import Any
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_subcommand(subparsers: Any, name: str, handler: Handler,
-                   help: str) -> argparse.ArgumentParser:
-    """Add ``name`` (help text also its description) that runs ``handler``."""
-    parser = subparsers.add_parser(name, help=help, description=help)
+def add_subcommand(subparsers: Any, name: str, handler: Handler, help: str,
+                   example: str | None = None) -> argparse.ArgumentParser:
+    """Add ``name`` (help text also its description) that runs ``handler``.
+
+    ``example``, one command line (or a few, one per line), ends ``loraflow NAME --help``.
+    """
+    epilog = None
+    if example:
+        epilog = "example:\n" + "\n".join(f"  {line}" for line in example.splitlines())
+    parser = subparsers.add_parser(name, help=help, description=help, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(func=handler)
     return parser

@@ -8,7 +8,9 @@ the ``finetune`` flow here (:mod:`flows.run`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,19 +23,45 @@ from flows.cli.subcommand import add_subcommand
 STARTED_AT = time.monotonic()
 
 
-def load_task(path: str) -> Any:
-    """The task definition at ``path``, validated (bad input raises, exit code 2)."""
-    from engine.task.validation import load_task as load
+def load_task(path: str, overrides: list[str] | None = None) -> Any:
+    """The task definition at ``path`` with ``key.path=value`` overrides, validated (bad
+    input, in the file or an override, raises: exit code 2)."""
+    from engine.task.overrides import load_task_with_overrides
 
-    return load(path)
+    return load_task_with_overrides(path, overrides or [])
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """The ``KEY.PATH=VALUE ...`` arguments after the task file."""
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY.PATH=VALUE",
+        help="change a field of the task file, checked like the file; the value is JSON, "
+             "else a string (e.g. train_args.learning_rate=5e-5 lora.rank=16)",
+    )
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar (also: LORAFLOW_QUIET=1)")
 
 
 # -- validate, schema -----------------------------------------------------------------
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    print(load_task(args.task).model_dump_json(indent=2))
+    task = load_task(args.task, args.overrides)
+    if args.check_refs:
+        check_references(task, args.task)
+    print(task.model_dump_json(indent=2))
     return 0
+
+
+def check_references(task: Any, where: str, prepared_in: str | None = None) -> None:
+    """The dataset and model the task names can be had (engine.task.references); else exit 2."""
+    from engine.store.storage import redact
+    from engine.task.references import check_references as check
+
+    check(task, prepared_in=prepared_in, source=redact(where))
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -69,31 +97,49 @@ class StopRequest:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from engine.data.prepared import default_cache_root
+    from engine.data.prepared import default_cache_root, default_data_root
     from engine.errors import ExitCode
     from engine.train.options import SegmentOptions, StopReason
+    from engine.train.progress import StepBar, console_progress_wanted
     from engine.train.segment import run_segment
 
-    task = load_task(args.task)
+    task = load_task(args.task, args.overrides)
+    check_references(task, args.task, prepared_in=args.data_dir or default_data_root())
     if not args.verbose:
         from engine.logs import silence_progress_bars
 
         silence_progress_bars()
     stop = StopRequest()
     stop.install()
+    bar = StepBar() if console_progress_wanted() and not args.quiet else None
     opts = SegmentOptions(
         checkpoint=args.checkpoint,
         budget_seconds=args.budget_seconds,
         data_root=args.data_dir,
         cache_root=None if args.no_cache else (args.cache_dir or default_cache_root()),
-        progress=sys.stderr.isatty(),
+        progress=False,  # the step bar is ``bar``, with loss, lr and samples/s
         validate=not args.no_validation,
         should_stop=stop,
         started_at=STARTED_AT,
+        on_step=bar,
     )
-    result = run_segment(task, args.output_dir, opts)
-    print(result.to_json())
+    try:
+        result = run_segment(task, args.output_dir, opts)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(segment_summary(result, args.overrides))
     return ExitCode.INTERRUPTED if result.stopped_by == StopReason.SIGNAL else ExitCode.OK
+
+
+def segment_summary(result: Any, overrides: list[str]) -> str:
+    """The segment's result as JSON, with the overrides it ran under (if any)."""
+    from engine.store.storage import redact
+
+    record = json.loads(result.to_json())
+    if overrides:
+        record["overrides"] = [redact(text) for text in overrides]
+    return json.dumps(record, sort_keys=True)
 
 
 # -- run, retry -----------------------------------------------------------------------
@@ -110,6 +156,8 @@ def describe(summary: dict[str, Any]) -> str:
             lines.append(f"  {label:<10} {redact(lora[label])}")
     for image in summary.get("validation", []):
         lines.append(f"  {'image':<10} {redact(image)}")
+    if summary.get("overrides"):
+        lines.append(f"  {'overrides':<10} {redact(' '.join(summary['overrides']))}")
     lines.append(
         f"trained {summary['global_step']} steps in {summary['segments']} segment(s); "
         f"final checkpoint {redact(summary['checkpoint'])}"
@@ -119,11 +167,14 @@ def describe(summary: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline here; bad input is refused before Prefect starts."""
+    from engine.train.progress import QUIET_ENV
     from flows.run import outcome, run_here
 
-    task = load_task(args.task)
+    task = load_task(args.task, args.overrides)
+    if args.quiet:
+        os.environ[QUIET_ENV] = "1"  # read where the segment task runs (this process)
     state = run_here(task, args.output_dir, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                     budget_seconds=args.budget_seconds)
+                     budget_seconds=args.budget_seconds, overrides=args.overrides)
     print(describe(outcome(state)))
     return 0
 
@@ -143,14 +194,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def add_commands(subparsers: Any) -> None:
     """Register ``validate``, ``schema``, ``segment``, ``run`` and ``retry``."""
     p = add_subcommand(subparsers, "validate", cmd_validate,
-                       "check a task definition; print it normalized")
+                       "check a task definition; print it normalized (with any overrides)",
+                       example="loraflow validate examples/quickstart.json lora.rank=8")
     p.add_argument("task", help="task JSON file (path or fsspec URL)")
+    add_overrides(p)
+    p.add_argument("--check-refs", action="store_true",
+                   help="also check what the task names, without loading it: the dataset "
+                        "exists and has the columns, the model folder has model_index.json, "
+                        "a Hub model is cached or reachable (segment always checks)")
 
-    add_subcommand(subparsers, "schema", cmd_schema, "print the task definition's JSON Schema")
+    add_subcommand(subparsers, "schema", cmd_schema, "print the task definition's JSON Schema",
+                   example="loraflow schema > finetune-task.schema.json")
 
     p = add_subcommand(subparsers, "segment", cmd_segment,
-                       "run one training segment (as a Crynux node does)")
+                       "run one training segment (as a Crynux node does)",
+                       example="loraflow segment examples/quickstart.json --output-dir out/1 "
+                               "--checkpoint out/0/checkpoint")
     p.add_argument("task", help="task JSON file")
+    add_overrides(p)
+    add_quiet(p)
     p.add_argument("--output-dir", required=True,
                    help="where checkpoint/ and validation/ go (path or URL)")
     p.add_argument("--checkpoint", help="previous segment's checkpoint (overrides the task's)")
@@ -164,8 +226,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--no-validation", action="store_true", help="skip validation images")
 
     p = add_subcommand(subparsers, "run", cmd_run,
-                       "run a whole fine-tuning: segments until FINISH, then publish")
+                       "run a whole fine-tuning: segments until FINISH, then publish",
+                       example="loraflow run examples/quickstart.json "
+                               "train_args.learning_rate=5e-5 --output-dir runs/quickstart")
     p.add_argument("task", help="task JSON file")
+    add_overrides(p)
+    add_quiet(p)
     p.add_argument("--output-dir", required=True,
                    help="run output location (path or URL, e.g. s3://bucket/runs/x)")
     p.add_argument("--cache-dir", help="shared cache location (default: $LORAFLOW_HOME/cache)")
@@ -175,7 +241,7 @@ def add_commands(subparsers: Any) -> None:
 
     p = add_subcommand(subparsers, "retry", cmd_retry,
                        "retry a failed or crashed finetune flow run; completed steps are not "
-                       "redone")
+                       "redone", example="loraflow retry quickstart-2026-12-01-2315")
     p.add_argument("flow_run", help="flow run id or name")
     p.add_argument("--force", action="store_true",
                    help="also retry a run still marked Running (its process was killed)")

@@ -88,8 +88,12 @@ def test_artifacts_show_progress_metrics_and_result(first_run: dict) -> None:
         by_type.setdefault(artifact.type, []).append(artifact)
     assert set(by_type) >= {"progress", "table", "markdown"}, set(by_type)
 
+    from flows.artifacts import run_key
+
+    key = run_key(str(first_run["root"] / "run"))  # the folder's name and a hash of its path
+    assert key.startswith("run-") and len(key) == len("run-") + 8
     (progress,) = by_type["progress"]  # one artifact, updated in place
-    assert progress.key == "run-progress"
+    assert progress.key == f"{key}-progress"
     assert float(progress.data) == 100.0
 
     latest_table = max(by_type["table"], key=lambda a: a.created)
@@ -100,8 +104,7 @@ def test_artifacts_show_progress_metrics_and_result(first_run: dict) -> None:
     assert all(r["loss"] is not None and r["loss"] > 0 for r in rows)
     assert all(r["samples/s"] > 0 for r in rows)
 
-    (markdown,) = by_type["markdown"]
-    assert markdown.key == "run-result"
+    (markdown,) = [a for a in by_type["markdown"] if a.key == f"{key}-result"]
     assert str(first_run["root"] / "run" / "lora") in markdown.data
     assert "data:image/png;base64," in markdown.data  # the image itself, inline
 
