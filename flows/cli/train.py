@@ -48,6 +48,21 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 # -- validate, schema -----------------------------------------------------------------
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, output: str,
+                           budget: str) -> None:
+    """What ``segment`` and ``run`` both take: the task, overrides, where things go, budget."""
+    parser.add_argument("task", help="task JSON file")
+    add_overrides(parser)
+    add_quiet(parser)
+    parser.add_argument("--output-dir", required=True, help=output)
+    parser.add_argument("--budget-seconds", type=float, help=budget)
+    parser.add_argument("--data-dir",
+                        help="where prepared datasets are kept (default: $LORAFLOW_HOME/datasets)")
+    parser.add_argument("--cache-dir",
+                        help="where latent/caption caches are kept (default: "
+                             "$LORAFLOW_HOME/cache; share one on S3 between workers)")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     task = load_task(args.task, args.overrides)
     if args.check_refs:
@@ -210,17 +225,9 @@ def add_commands(subparsers: Any) -> None:
                        "run one training segment (as a Crynux node does)",
                        example="loraflow segment examples/quickstart.json --output-dir out/1 "
                                "--checkpoint out/0/checkpoint")
-    p.add_argument("task", help="task JSON file")
-    add_overrides(p)
-    add_quiet(p)
-    p.add_argument("--output-dir", required=True,
-                   help="where checkpoint/ and validation/ go (path or URL)")
+    add_training_arguments(p, output="where checkpoint/ and validation/ go (path or URL)",
+                           budget="wall-clock budget of this segment")
     p.add_argument("--checkpoint", help="previous segment's checkpoint (overrides the task's)")
-    p.add_argument("--budget-seconds", type=float, help="wall-clock budget of this segment")
-    p.add_argument("--data-dir",
-                   help="where prepared datasets are kept (default: $LORAFLOW_HOME/datasets)")
-    p.add_argument("--cache-dir",
-                   help="where latent/caption caches are kept (default: $LORAFLOW_HOME/cache)")
     p.add_argument("--no-cache", action="store_true",
                    help="encode images and captions every step")
     p.add_argument("--no-validation", action="store_true", help="skip validation images")
@@ -229,15 +236,8 @@ def add_commands(subparsers: Any) -> None:
                        "run a whole fine-tuning: segments until FINISH, then publish",
                        example="loraflow run examples/quickstart.json "
                                "train_args.learning_rate=5e-5 --output-dir runs/quickstart")
-    p.add_argument("task", help="task JSON file")
-    add_overrides(p)
-    add_quiet(p)
-    p.add_argument("--output-dir", required=True,
-                   help="run output location (path or URL, e.g. s3://bucket/runs/x)")
-    p.add_argument("--cache-dir", help="shared cache location (default: $LORAFLOW_HOME/cache)")
-    p.add_argument("--data-dir",
-                   help="prepared datasets location (default: $LORAFLOW_HOME/datasets)")
-    p.add_argument("--budget-seconds", type=float, help="wall-clock budget of each segment")
+    add_training_arguments(p, output="run output location (path or URL, e.g. s3://bucket/runs/x)",
+                           budget="wall-clock budget of each segment")
 
     p = add_subcommand(subparsers, "retry", cmd_retry,
                        "retry a failed or crashed finetune flow run; completed steps are not "
