@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.lora.metadata import LoraFacts
+from engine.lora.metadata import LoraFacts, public_name
 from engine.lora.weights import LORA_FILE
 
 CAPTION_SAMPLE = 5
@@ -91,7 +91,7 @@ def _summary(facts: LoraFacts) -> str:
     return "\n".join([
         f"# {facts.title}",
         "",
-        f"A LoRA adapter for `{facts.task.model.name}` "
+        f"A LoRA adapter for `{public_name(facts.task.model.name)}` "
         f"(family `{facts.family.name}`, architecture `{facts.family.modelspec_architecture}`), "
         f"trained by loraflow for {facts.steps} steps.",
         "",
@@ -150,7 +150,7 @@ def _settings(facts: LoraFacts) -> str:
     task, train = facts.task, facts.task.train_args
     alpha, rank = task.lora_alpha, task.lora.rank
     rows = [
-        ("base model", f"`{task.model.name}` (revision `{task.model.revision}`)"),
+        ("base model", f"`{public_name(task.model.name)}` (revision `{task.model.revision}`)"),
         ("family", facts.family.name),
         ("LoRA rank", str(rank)),
         ("LoRA alpha", f"{alpha:g} (scale alpha/rank = {alpha / rank:g})"),
@@ -198,13 +198,14 @@ def _files(files: CardFiles) -> str:
 def _usage(facts: LoraFacts, files: CardFiles) -> str:
     lines = ["## How to use", ""]
     weight = files.diffusers or files.kohya
-    base = facts.task.model.name if _is_hub_id(facts.task.model.name) else "<base model>"
+    base, where = _base_model_reference(facts.task.model.name)
     lines += [
         "### diffusers",
         "",
         "```python",
         "from diffusers import AutoPipelineForText2Image",
         "",
+        *where,
         f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weight}")',
         "```",
@@ -212,7 +213,7 @@ def _usage(facts: LoraFacts, files: CardFiles) -> str:
         "### loraflow",
         "",
         "```sh",
-        f"loraflow generate --model {facts.task.model.name} --lora {weight} "
+        f"loraflow generate --model {public_name(facts.task.model.name)} --lora {weight} "
         '--prompt "<prompt>" --seed 0',
         "```",
         "",
@@ -231,6 +232,24 @@ def _usage(facts: LoraFacts, files: CardFiles) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _base_model_reference(name: str) -> tuple[str, list[str]]:
+    """What ``from_pretrained`` should name in the snippet, and comment lines saying why.
+
+    A Hub id is itself. An embedded ``loraflow/...`` model is a folder loraflow builds, so
+    the snippet names the folder ``loraflow tiny-model`` writes. A local folder is named by
+    its last part only: the card is published, and a local path must not leak into it.
+    """
+    if _is_hub_id(name):
+        return name, []
+    if name.startswith("loraflow/"):
+        short = name.split("/", 1)[1]
+        return f"./{short}", [
+            f"# {name} is built locally by loraflow: `loraflow tiny-model {short} ./{short}`"
+        ]
+    folder = public_name(name)
+    return f"./{folder}", [f"# the base model folder this LoRA was trained on ({folder})"]
 
 
 def _as_list(value: list[str] | str) -> list[str]:

@@ -19,6 +19,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -61,17 +62,39 @@ class LoraFacts:
 # -- the task, without secrets --------------------------------------------------------
 
 
+def public_name(location: str) -> str:
+    """How a published file may name a model, dataset or checkpoint location.
+
+    A Hub id or an embedded ``loraflow/...`` id is kept. A URL keeps scheme, host and path,
+    without credentials. A local path (absolute, ``~``/``.``-relative, ``file://``, or an
+    existing folder) keeps only its last part: a user's home or a worker's scratch folder
+    must not travel inside a shared LoRA file, and the same training on two machines must
+    give the same bytes.
+    """
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    elif "://" in location:
+        return public_url(location)
+    path = Path(location).expanduser()
+    if path.is_absolute() or location.startswith((".", "~")) or path.exists():
+        return path.name or location
+    return location
+
+
 def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
-    """The validated task as plain JSON data, with every URL stripped of credentials.
+    """The validated task as plain JSON data, safe to publish: see :func:`public_name`.
 
     A task names its dataset (and possibly a checkpoint) by URL; a presigned or
-    ``user:pass@`` URL would leak access if it travelled inside a shared LoRA file.
+    ``user:pass@`` URL would leak access if it travelled inside a shared LoRA file, and a
+    local path would leak the machine's layout.
     """
     data = task.model_dump(mode="json")
-    if data["dataset"].get("url"):
-        data["dataset"]["url"] = public_url(data["dataset"]["url"])
+    for section, key in (("model", "name"), ("model", "vae"), ("dataset", "url"),
+                         ("dataset", "name")):
+        if data[section].get(key):
+            data[section][key] = public_name(data[section][key])
     if data.get("checkpoint"):
-        data["checkpoint"] = public_url(data["checkpoint"])
+        data["checkpoint"] = public_name(data["checkpoint"])
     return data
 
 
@@ -92,7 +115,7 @@ def kohya_metadata(facts: LoraFacts) -> dict[str, str]:
         "ss_network_alpha": _number(task.lora_alpha),
         "ss_base_model_version": facts.family.kohya_base_model_version,
         "ss_v2": str(facts.family.name == "sd2"),
-        "ss_sd_model_name": task.model.name,
+        "ss_sd_model_name": public_name(task.model.name),
         "ss_resolution": f"({train.resolution}, {train.resolution})",
         "ss_steps": str(facts.steps),
         "ss_max_train_steps": str(facts.steps),

@@ -28,6 +28,7 @@ from engine.lora.formats import alphas_from_adapter_metadata, diffusers_to_kohya
 from engine.lora.metadata import (
     LoraFacts,
     lora_metadata,
+    public_name,
     public_task_dict,
     read_metadata,
     write_lora_file,
@@ -78,7 +79,8 @@ def publish_lora(
     facts = LoraFacts(
         task=task,
         family=family,
-        title=str(run_summary.get("run_name") or f"loraflow LoRA for {task.model.name}"),
+        title=str(run_summary.get("run_name")
+                  or f"loraflow LoRA for {public_name(task.model.name)}"),
         steps=loaded.global_step,
         dataset_hash=dataset_hash,
         started_at=run_summary.get("started_at"),
