@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from engine.errors import ExitCode, LoraflowError
@@ -58,9 +59,16 @@ class _DropTemporaryServerNotice(logging.Filter):
 
 
 def prepare_prefect_environment() -> None:
-    """Apply :data:`PREFECT_DEFAULTS` before Prefect is imported (it reads them once)."""
+    """Apply :data:`PREFECT_DEFAULTS` before Prefect is imported (it reads them once).
+
+    A ``PREFECT_HOME`` whose parent folder does not exist is created here: Prefect makes
+    only the last level, and its temporary server then fails to open its database and
+    restarts in a loop until the start-up timeout (minutes), ending in a traceback.
+    """
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("PREFECT_HOME"):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     prefect_logger = logging.getLogger("prefect")
     if not any(isinstance(f, _DropTemporaryServerNotice) for f in prefect_logger.filters):
         prefect_logger.addFilter(_DropTemporaryServerNotice())
