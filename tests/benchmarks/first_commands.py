@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="loraflow-first-") as tmp:
                 clone = Path(tmp) / "loraflow"
                 subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-                result = run_command(commands[number - 1], clone, Path(tmp) / "homes",
-                                     args.timeout)
+                homes = Path(tmp) / "homes"  # empty: no Prefect database, no models yet
+                homes.mkdir()
+                result = run_command(commands[number - 1], clone, homes, args.timeout)
                 result["number"] = number
                 report["results"].append(result)
                 print(f"command {number}: exit {result['exit_code']}, {result['seconds']} s "
