@@ -55,9 +55,9 @@ def model_identity(base: Any) -> str:
     whose weights were replaced under the same path does not reuse stale latents.
     """
     parts: dict[str, Any] = {
-        "unet": dict(base.unet.config),
-        "vae": dict(base.vae.config) if base.vae is not None else None,
-        "text": [enc.config.to_dict() for enc in base.text_encoders],
+        "unet": _portable(dict(base.unet.config)),
+        "vae": _portable(dict(base.vae.config)) if base.vae is not None else None,
+        "text": [_portable(enc.config.to_dict()) for enc in base.text_encoders],
     }
     root = Path(base.location)
     if root.is_dir():
@@ -66,6 +66,15 @@ def model_identity(base: Any) -> str:
         )
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """A component config without where it was loaded from (``_name_or_path``).
+
+    That path is the machine's (a Hub snapshot under its HF_HOME, ``$LORAFLOW_HOME``):
+    with it, workers sharing one cache on S3 would each build their own.
+    """
+    return {k: v for k, v in config.items() if k != "_name_or_path"}
 
 
 def ensure_cache_for_task(task: TaskDefinition, data_root: str | None, cache_root: str) -> dict:
