@@ -167,6 +167,19 @@ def image_markdown(url: str, caption: str) -> str:
     return f"![{caption}](data:image/png;base64,{encoded})"
 
 
+def base_vs_lora_lines(validation: ValidationResult) -> list[str]:
+    """A table of the base model's and the LoRA's image for each prompt and seed."""
+    pairs = list(zip(validation.base_images, validation.images, strict=False))
+    if not pairs:
+        return []
+    lines = ["", "## Base model vs LoRA (same prompts and seeds)", "",
+             "| image | base model | with the LoRA |", "| --- | --- | --- |"]
+    for i, (base, lora) in enumerate(pairs):
+        lines.append(f"| {i} | {image_markdown(base, f'base {i}').removeprefix('- ')} "
+                     f"| {image_markdown(lora, f'LoRA {i}').removeprefix('- ')} |")
+    return lines
+
+
 def show_result(summary: RunSummary, published: PublishResult,
                 validation: ValidationResult) -> UUID:
     images = validation.images
@@ -189,6 +202,7 @@ def show_result(summary: RunSummary, published: PublishResult,
         image_markdown(url, storage.basename(url)) + "\n" for url in images
     ] or ["(none)"]
     lines += ["", "Image files (full size):", ""] + [f"- `{storage.redact(u)}`" for u in images]
+    lines += base_vs_lora_lines(validation)
     return create_markdown_artifact(
         "\n".join(lines),
         key=f"{run_key(summary.output_dir)}-result",

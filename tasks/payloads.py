@@ -111,6 +111,8 @@ class ValidationResult(Payload):
     """The validation images rendered at the final checkpoint, in order."""
 
     images: list[str]
+    #: The same prompts and seeds rendered by the base model alone (no LoRA), in order.
+    base_images: list[str] = []
 
 
 class RunSummary(Payload):
@@ -142,6 +144,8 @@ class PublishResult(Payload):
     run_summary: str
     validation: list[str]
     metrics: str | None
+    #: The base model's images (same prompts and seeds), copied beside the LoRA's.
+    base_validation: list[str] = []
 
 
 __all__ = [

@@ -67,6 +67,7 @@ def publish(
             dataset_hash=dataset.content_hash,
             captions=captions,
             validation_images=validation.images,
+            base_images=validation.base_images,
             metrics_url=metrics_url,
             run_summary=summary,
         )

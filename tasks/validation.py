@@ -33,4 +33,5 @@ def validate_final(
                 f"the prepared dataset changed during the run ({dataset.content_hash} -> "
                 f"{data.content_hash}); prompts would not match the training data"
             )
-        return ValidationResult(images=validate_checkpoint(task, checkpoint, output_dir, data))
+        images = validate_checkpoint(task, checkpoint, output_dir, data)
+        return ValidationResult(images=images.lora, base_images=images.base)

@@ -3,7 +3,9 @@
 Prompts come from ``validation.prompt`` or, when it is null, from captions of the dataset
 drawn by the task's seed. Image i is sampled from a CPU generator seeded by (seed, i), so
 networks that compare validation images across nodes see the same pixels for the same
-checkpoint on the same kind of device.
+checkpoint on the same kind of device. The final validation also renders the base model
+alone with the same prompts and seeds (``validation/base/``), so the card can show what
+the LoRA changed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,15 @@ from engine.train.seeding import generator
 
 VALIDATION_DIR = "validation"  # under a segment's (or run's) output_dir
 PROMPTS_FILE = "prompts.json"  # beside the images: prompts, step, seconds taken
+BASE_DIR = "base"  # validation/base/: the same prompts and seeds, without the LoRA
+
+
+@dataclass(frozen=True)
+class CheckpointImages:
+    """The final validation's PNG URLs: with the LoRA, and of the base model alone."""
+
+    lora: list[str]
+    base: list[str]
 
 
 def validation_prompts(task: TaskDefinition, dataset: Any) -> list[str]:
@@ -98,6 +110,21 @@ def write_validation(
     return urls
 
 
+def write_base_images(output_dir: str, task: TaskDefinition, prompts: list[str],
+                      images: list[Image.Image]) -> list[str]:
+    """validation/base/NN.png under output_dir: the base model's images; returns the URLs."""
+    urls = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        params = describe(
+            prompt, task.validation.num_inference_steps, task.validation.guidance_scale,
+            task.seed, task.train_args.resolution, f"Image: {i}, LoRA: none (base model)",
+        )
+        url = storage.join(output_dir, VALIDATION_DIR, BASE_DIR, f"{i:02d}.png")
+        storage.write_bytes(url, png_bytes(image, params))
+        urls.append(url)
+    return urls
+
+
 def measured_seconds(output_dir: str) -> float | None:
     """How long the validation written under ``output_dir`` took, if it was timed."""
     try:
@@ -128,11 +155,12 @@ def validate_in_segment(task: TaskDefinition, base: BaseModel, prediction_type: 
 
 
 def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: str,
-                        dataset: Any) -> list[str]:
+                        dataset: Any) -> CheckpointImages:
     """Validation images from the base pipeline with the checkpoint's LoRA *file* loaded.
 
     Unlike the in-segment validation (which reuses the adapted UNet in memory), this goes
-    through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets.
+    through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets. The
+    same pipeline renders the same prompts and seeds first without the LoRA (the base).
     """
     loaded = read_checkpoint(checkpoint_url)
     device = training_device()
@@ -144,10 +172,13 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     pipe.scheduler = scheduler_for_inference(location, task.model.revision, prediction)
     if task.model.vae is not None:
         pipe.vae = load_vae(task, location, dtype, None).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(task, dataset)
+    base = write_base_images(output_dir, task, prompts,
+                             render_validation(pipe, task, prompts, device, dtype))
     with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
         (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])
         pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = validation_prompts(task, dataset)
     images = render_validation(pipe, task, prompts, device, dtype)
-    return write_validation(output_dir, task, prompts, images, loaded.global_step)
+    lora = write_validation(output_dir, task, prompts, images, loaded.global_step)
+    return CheckpointImages(lora=lora, base=base)

@@ -35,6 +35,9 @@ class CardFiles:
     kohya: str | None = None
     validation_images: list[str] = field(default_factory=list)
     metrics: str | None = None
+    #: The base model's images for the same prompts and seeds (same order), and the prompts.
+    base_images: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
 
 
 def caption_sample(captions: list[str], n: int = CAPTION_SAMPLE) -> list[str]:
@@ -69,6 +72,7 @@ def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -
         _captions(captions),
         _settings(facts),
         _validation(files),
+        _base_vs_lora(files),
         _files(files),
         _usage(facts, files),
     ]
@@ -174,6 +178,27 @@ def _validation(files: CardFiles) -> str:
         return ""
     lines = ["## Validation images", ""]
     lines += [f"![validation image {i}]({path})" for i, path in enumerate(files.validation_images)]
+    return "\n".join([*lines, ""])
+
+
+def _base_vs_lora(files: CardFiles) -> str:
+    """Same prompt, same seed, without and with the LoRA: what the LoRA changed."""
+    pairs = list(zip(files.base_images, files.validation_images, strict=False))
+    if not pairs:
+        return ""
+    lines = [
+        "## Base model vs LoRA",
+        "",
+        "Each row: one prompt and seed, drawn by the base model alone and with this LoRA.",
+        "",
+        "| prompt | base model | with this LoRA |",
+        "| --- | --- | --- |",
+    ]
+    for i, (base, lora) in enumerate(pairs):
+        prompt = files.prompts[i] if i < len(files.prompts) else ""
+        text = prompt.replace("|", "/").replace("`", "'")
+        cell = f"`{text}`" if text else f"image {i}"
+        lines.append(f"| {cell} | ![base image {i}]({base}) | ![LoRA image {i}]({lora}) |")
     return "\n".join([*lines, ""])
 
 

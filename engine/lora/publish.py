@@ -8,7 +8,8 @@ From the last committed checkpoint's ``pytorch_lora_weights.safetensors`` this w
   right strength), plus the kohya / model-spec / hash keys;
 * ``loraflow_<slug>.safetensors``: the kohya file for ComfyUI and A1111, true alpha;
 * ``README.md`` (model card), ``task.json`` (validated task, URLs without secrets),
-  ``run_summary.json``, ``validation/*.png`` and the metrics file when given.
+  ``run_summary.json``, ``validation/*.png`` and the metrics file when given, and
+  ``validation/base/*.png`` (the base model alone, same prompts and seeds) when given.
 
 Publishing is a pure function of its inputs (dates come from the run summary, never
 from the clock), so running it again after a crash rewrites the same bytes.
@@ -16,6 +17,7 @@ from the clock), so running it again after a crash rewrites the same bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -66,12 +68,15 @@ def publish_lora(
     metrics_url: str | None,
     run_summary: dict,
     family: Family | None = None,
+    base_images: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``output_url``/lora/ from the committed checkpoint; return the URLs written.
 
     ``run_summary`` is stored as ``run_summary.json``; its ``run_name`` names the kohya
     file and the card, its ``started_at``/``finished_at`` (ISO-8601 or unix seconds)
     date the files. ``family`` is read from the model's configs when not given.
+    ``base_images`` (same prompts and seeds as ``validation_images``, without the LoRA)
+    put a base-vs-LoRA table on the card.
     """
     loaded = read_checkpoint(checkpoint_url)
     source = loaded.files[LORA_FILE]
@@ -96,12 +101,15 @@ def publish_lora(
         published["diffusers" if name == LORA_FILE else "kohya"] = url
 
     images = _copy_validation_images(validation_images, lora_dir)
+    base = _copy_validation_images(base_images or [], lora_dir, "validation/base")
     metrics_name = _copy_metrics(metrics_url, lora_dir)
     card_files = CardFiles(
         diffusers=LORA_FILE if LORA_FILE in weights else None,
         kohya=next((n for n in weights if n != LORA_FILE), None),
         validation_images=[f"validation/{storage.basename(u)}" for u in images],
         metrics=metrics_name,
+        base_images=[f"validation/base/{storage.basename(u)}" for u in base],
+        prompts=[_png_prompt(storage.read_bytes(u)) for u in images] if base else [],
     )
     texts = {
         "task.json": _json_text(public_task_dict(task)),
@@ -115,6 +123,7 @@ def publish_lora(
         task=storage.join(lora_dir, "task.json"),
         run_summary=storage.join(lora_dir, "run_summary.json"),
         validation=images,
+        base_validation=base,
         metrics=storage.join(lora_dir, metrics_name) if metrics_name else None,
     )
     return published
@@ -156,8 +165,9 @@ def _remove_stale_weights(lora_dir: str, keep: set[str]) -> None:
 # -- the other files ------------------------------------------------------------------
 
 
-def _copy_validation_images(urls: list[str], lora_dir: str) -> list[str]:
-    """Copy the PNGs to lora/validation/ (names kept, de-duplicated); return new URLs."""
+def _copy_validation_images(urls: list[str], lora_dir: str,
+                            folder: str = "validation") -> list[str]:
+    """Copy the PNGs to lora/<folder>/ (names kept, de-duplicated); return new URLs."""
     copied = []
     used: set[str] = set()
     for i, url in enumerate(urls):
@@ -165,10 +175,18 @@ def _copy_validation_images(urls: list[str], lora_dir: str) -> list[str]:
         if name in used:
             name = f"{i:02d}_{name}"
         used.add(name)
-        target = storage.join(lora_dir, "validation", name)
+        target = storage.join(lora_dir, folder, name)
         storage.write_bytes(target, storage.read_bytes(url))
         copied.append(target)
     return copied
+
+
+def _png_prompt(data: bytes) -> str:
+    """The prompt a validation PNG was drawn from (first line of its parameters text)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return str(image.text.get("parameters", "")).split("\n", 1)[0]
 
 
 def _copy_metrics(metrics_url: str | None, lora_dir: str) -> str | None:

@@ -114,3 +114,19 @@ def test_the_chart_is_a_png_with_two_panels() -> None:
     assert len(image.getcolors(maxcolors=1 << 16)) > 3  # lines and labels, not a blank page
     Image.open(io.BytesIO(training_chart([5], [0.3], [1e-4])))  # one step: a dot
     assert moving_mean([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
+
+
+def test_the_result_shows_base_and_lora_images_side_by_side(tmp_path: Path) -> None:
+    from flows.artifacts import base_vs_lora_lines
+    from tasks.payloads import ValidationResult
+
+    urls = []
+    for name, color in (("base.png", "green"), ("lora.png", "magenta")):
+        Image.new("RGB", (64, 64), color).save(tmp_path / name)
+        urls.append(str(tmp_path / name))
+    lines = base_vs_lora_lines(ValidationResult(images=[urls[1]], base_images=[urls[0]]))
+    assert "## Base model vs LoRA (same prompts and seeds)" in lines
+    row = lines[-1]
+    assert row.startswith("| 0 | ![base 0](data:image/png;base64,")
+    assert row.count("data:image/png;base64,") == 2 and "![LoRA 0](" in row
+    assert base_vs_lora_lines(ValidationResult(images=[urls[1]])) == []

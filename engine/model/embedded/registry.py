@@ -24,21 +24,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.model.embedded.demo_data import DEMO_DATA_VERSION, DemoDataPaths, build_demo_data
+from engine.model.embedded.shapes_model import (
+    SHAPES_MODEL_ID,
+    SHAPES_MODEL_VERSION,
+    build_shapes_model,
+)
+from engine.model.embedded.taught_data import TAUGHT_DATA_ID, TAUGHT_DATA_VERSION, build_taught_data
 from engine.model.embedded.tiny_models import BUILDER_VERSION, build_tiny_model
 
 EMBEDDED_MODELS: dict[str, str] = {
     "loraflow/tiny-sd1": "tiny-sd1",
     "loraflow/tiny-sd2": "tiny-sd2",
     "loraflow/tiny-sdxl": "tiny-sdxl",
+    SHAPES_MODEL_ID: "tiny-shapes",  # trained, not random: built by shapes_model.py
 }
 """Embedded model id -> tiny-model builder name (see ``tiny_models.build_tiny_model``)."""
 
 EMBEDDED_DATASETS: dict[str, str] = {
     "loraflow/demo-shapes": "imagefolder",
+    TAUGHT_DATA_ID: "imagefolder",  # built by taught_data.py
 }
 """Embedded dataset id -> the form ``resolve_dataset`` returns (a ``DemoDataPaths`` field)."""
 
 DEMO_SHAPES_ID = "loraflow/demo-shapes"
+
+#: Embedded ids with a builder of their own (not a tiny-model builder name or a form of
+#: demo-shapes): id -> (version, build(folder)). The folder they build is what resolves.
+_OWN_BUILDERS: dict[str, tuple[str, Callable[[Path], object]]] = {
+    SHAPES_MODEL_ID: (SHAPES_MODEL_VERSION, build_shapes_model),
+    TAUGHT_DATA_ID: (TAUGHT_DATA_VERSION, build_taught_data),
+}
 MARKER_FILENAME = "loraflow_embedded.json"
 
 
@@ -55,7 +70,9 @@ def is_embedded(name: str) -> bool:
 
 def embedded_dir(name: str) -> Path:
     """Folder where embedded id ``name`` is (or will be) built, version included."""
-    if name in EMBEDDED_MODELS:
+    if name in _OWN_BUILDERS:
+        version = _OWN_BUILDERS[name][0]
+    elif name in EMBEDDED_MODELS:
         version = BUILDER_VERSION
     elif name in EMBEDDED_DATASETS:
         version = DEMO_DATA_VERSION
@@ -98,6 +115,8 @@ def resolve_model(name: str) -> str:
     """Local folder of embedded model ``name`` (built on first use); other names unchanged."""
     if name not in EMBEDDED_MODELS:
         return name
+    if name in _OWN_BUILDERS:
+        return _resolve_own(name)
 
     def build(folder: Path) -> None:
         build_tiny_model(EMBEDDED_MODELS[name], folder)
@@ -125,4 +144,17 @@ def resolve_dataset(name: str) -> str:
     """
     if name not in EMBEDDED_DATASETS:
         return name
+    if name in _OWN_BUILDERS:
+        return _resolve_own(name)
     return str(getattr(demo_data_paths(), EMBEDDED_DATASETS[name]))
+
+
+def _resolve_own(name: str) -> str:
+    """Local folder of an id in ``_OWN_BUILDERS`` (built on first use)."""
+    version, build_into = _OWN_BUILDERS[name]
+
+    def build(folder: Path) -> None:
+        build_into(folder)
+        _write_marker(folder, name, version)
+
+    return str(_build_once(embedded_dir(name), build))

@@ -462,9 +462,18 @@ def build_tiny_model(name: str, out_dir: str | Path) -> Path:
     ``StableDiffusionXLPipeline.from_pretrained`` (``tiny-sdxl``), component-wise with
     ``subfolder=...``, and with ``variant="fp16"``.
     """
+    return save_pipeline_folder(build_tiny_pipeline(name), out_dir)
+
+
+def save_pipeline_folder(pipe: Any, out_dir: str | Path) -> Path:
+    """Save a pipeline of tiny components as the folders above are laid out.
+
+    Hub key layout for the text encoders, an fp16 variant of every weights file, and
+    the classic ``vocab.json``/``merges.txt`` beside each tokenizer (also used by the
+    trained ``loraflow/tiny-shapes``, see ``shapes_model.py``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(name)
     pipe.save_pretrained(out, safe_serialization=True)
     _fix_text_encoder_keys(out)
     _save_fp16_variant(out)
