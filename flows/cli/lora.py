@@ -54,9 +54,10 @@ def add_commands(subparsers: Any) -> None:
     """Register ``generate`` and ``inspect`` on the CLI's subparsers object."""
     p = add_subcommand(subparsers, "generate", cmd_generate,
                        "render images with a base model and a LoRA (diffusers or kohya file)",
-                       example="loraflow generate --model loraflow/tiny-sd1 --lora "
+                       example="loraflow generate --model loraflow/tiny-shapes --lora "
                                "runs/quickstart/lora/pytorch_lora_weights.safetensors "
-                               "--prompt 'a red circle' --output-dir images")
+                               "--prompt 'a sks circle on a white background' --guidance 2 "
+                               "--output-dir images")
     p.add_argument(
         "--model", required=True, help="base model: Hub id, local folder or loraflow/tiny-*"
     )

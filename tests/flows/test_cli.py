@@ -102,3 +102,10 @@ def test_segment_shows_progress_on_stderr_and_the_overrides_in_its_summary(
     assert code == 0, err
     assert "samples/s" not in err
     assert "overrides" in json.loads(out.strip().splitlines()[-1])
+
+
+def test_tiny_model_writes_the_quickstart_base_the_card_names(tmp_path: Path) -> None:
+    # the published card of a tiny-shapes LoRA says `loraflow tiny-model tiny-shapes ./...`
+    assert main(["tiny-model", "tiny-shapes", str(tmp_path / "tiny-shapes")]) == 0
+    assert (tmp_path / "tiny-shapes" / "model_index.json").is_file()
+    assert (tmp_path / "tiny-shapes" / "unet").is_dir()
