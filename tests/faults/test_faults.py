@@ -20,13 +20,11 @@ import contextlib
 import io
 import json
 import logging
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from engine.train.segment import SegmentOptions, SegmentResult, run_segment
 from engine.train.state import OPTIMIZER_FILE, STATE_FILE
 from tests.faults.kill_campaign import inspect_output, run_campaign
 from tests.support.engine import checkpoint_bytes, make_task
+from tests.support.streams import line_queue, wait_for_line
 
 if TYPE_CHECKING:  # a runtime import would bypass pytest's plugin loading (and rewriting)
     from tests.support.s3_server import SeaweedS3
@@ -520,35 +519,6 @@ def test_file_size_limit_is_a_storage_error_at_once_and_keeps_the_last_checkpoin
 # -- 5. SIGTERM with in-segment checkpoints ----------------------------------------------
 
 
-def _lines(stream: Any) -> queue.Queue[str | None]:
-    """A queue fed with a stream's lines by a thread (None at the end): waits can time out."""
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def _wait_for_line(lines: queue.Queue[str | None], pattern: str, timeout_s: float) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-    raise AssertionError(f"no line matching {pattern!r} within {timeout_s}s:\n{''.join(seen)}")
-
-
 @pytest.mark.timeout(240)
 def test_sigterm_with_in_segment_checkpoints_commits_exits_5_and_resumes_bitwise(
     tmp_path: Path, cache_root: str
@@ -563,8 +533,8 @@ def test_sigterm_with_in_segment_checkpoints_commits_exits_5_and_resumes_bitwise
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = _lines(process.stderr)
-        _wait_for_line(lines, r"committed .*checkpoints/step-00000003", 180)
+        lines = line_queue(process.stderr)
+        wait_for_line(lines, r"committed .*checkpoints/step-00000003", 180)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)  # stderr is drained by the thread; stdout is one line
         stdout = process.stdout.read()

@@ -11,15 +11,12 @@ from the last in-segment checkpoint and ends bit for bit where an undisturbed ru
 from __future__ import annotations
 
 import json
-import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -31,6 +28,7 @@ from engine.store.storage import DEFAULT_RETRY, RetryPolicy, StorageError
 from engine.task.definition import TaskDefinition
 from engine.train.segment import SegmentOptions, run_segment
 from tests.support.engine import checkpoint_bytes, make_task
+from tests.support.streams import drain, line_queue, wait_for_line
 
 if TYPE_CHECKING:  # a runtime import would bypass pytest's plugin loading (and rewriting)
     from tests.support.s3_server import SeaweedS3
@@ -53,47 +51,6 @@ def outage_task() -> TaskDefinition:
         "train_args.num_train_steps": STEPS, "train_args.max_train_steps": STEPS,
         "train_args.checkpointing_steps": 1, "train_args.checkpoints_total_limit": 2,
     })
-
-
-def _lines(stream: Any) -> queue.Queue[str | None]:
-    """A queue fed with a stream's lines by a thread (None at the end), so waits time out."""
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def _wait_for_line(lines: queue.Queue[str | None], pattern: str, timeout_s: float) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-    raise AssertionError(f"no line matching {pattern!r} within {timeout_s}s:\n{''.join(seen)}")
-
-
-def _drain(lines: queue.Queue[str | None], timeout_s: float) -> list[str]:
-    """The rest of the stream's lines, up to its end."""
-    rest: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        line = lines.get(timeout=left)
-        if line is None:
-            return rest
-        rest.append(line)
-    raise AssertionError("the stream did not end")
 
 
 def _segment_command(task_file: Path, out: Path, data_root: str) -> list[str]:
@@ -121,14 +78,14 @@ def test_s3_outage_while_images_are_read_mid_segment_is_exit_4_then_the_rerun_is
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        lines = _lines(process.stderr)
-        seen = _wait_for_line(
+        lines = line_queue(process.stderr)
+        seen = wait_for_line(
             lines, rf"committed .*checkpoints/step-{KILL_AFTER_STEP:08d}", 240)
         s3.stop()  # SIGKILL: the next step reads an image no step has read yet
         stopped_at = time.monotonic()
         process.wait(timeout=DEFAULT_RETRY.max_total_wait_s + 60)
         failed_after = time.monotonic() - stopped_at
-        stderr = "".join(seen + _drain(lines, 30))
+        stderr = "".join(seen + drain(lines, 30))
         stdout = process.stdout.read()
     finally:
         if process.poll() is None:
