@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from PIL import Image
 from engine.data.dataset import prepare_dataset
 from engine.data.layout import DatasetManifest
 from engine.task.definition import DatasetArgs
+
+#: Files of a small archive: nested folders, text and binary.
+FILES = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)), "sub/deeper/c.txt": b"gamma"}
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    """A deflated zip at ``path`` holding ``files`` ({name: bytes})."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
 
 
 def png(width: int = 24, height: int = 16, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:

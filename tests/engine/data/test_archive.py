@@ -14,18 +14,11 @@ import pytest
 from engine.data.archive_extract import dataset_root, extract
 from engine.data.archive_members import detect_format
 from engine.data.errors import ArchiveError
-
-FILES = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)), "sub/deeper/c.txt": b"gamma"}
-
+from tests.support.datasets import FILES, make_zip
 
 # -- builders ----------------------------------------------------------------------------
 
 
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
 
 
 def make_tar(path: Path, files: dict[str, bytes], compression: str = "") -> Path:

@@ -7,7 +7,6 @@ import http.server
 import io
 import socket
 import threading
-import zipfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -18,15 +17,7 @@ import pytest
 from engine.data.archive_fetch import fetch
 from engine.data.errors import FetchError
 from engine.store.redact import redact_url
-
-FILES = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)), "sub/deeper/c.txt": b"gamma"}
-
-
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
+from tests.support.datasets import FILES, make_zip
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
