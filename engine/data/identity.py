@@ -22,7 +22,7 @@ def source_record(args: DatasetArgs) -> dict[str, Any]:
     """The source as recorded in the manifest and hashed into addresses: the DatasetArgs
     as a dict, with credentials removed from the URL (user:password, signatures, tokens).
     """
-    record = args.model_dump(mode="json")
+    record = args.stable_dump(mode="json")
     if record.get("url"):
         record["url"] = redact_url(record["url"])
     if record.get("name") == DEMO_DATASET_NAME:

@@ -213,6 +213,10 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self._records)
 
+    def record(self, i: int) -> dict[str, Any]:
+        """Example ``i``'s record as prepared (file, captions, size, sha256, ...)."""
+        return dict(self._records[i])
+
     def captions(self, i: int) -> list[str]:
         """All captions of example ``i`` (at least one, possibly empty)."""
         return list(self._records[i]["captions"])

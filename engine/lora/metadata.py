@@ -88,7 +88,7 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
     ``user:pass@`` URL would leak access if it travelled inside a shared LoRA file, and a
     local path would leak the machine's layout.
     """
-    data = task.model_dump(mode="json")
+    data = task.stable_dump(mode="json")
     for section, key in (("model", "name"), ("model", "vae"), ("dataset", "url"),
                          ("dataset", "name")):
         if data[section].get(key):

@@ -12,9 +12,9 @@ from these classes by :func:`task_json_schema`; a test keeps the two in step.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Task format versions this build understands, oldest first. The last is current.
 TaskVersion = Literal["1.0.0", "2.0.0", "2.1.0", "2.5.0", "2.5.2"]
@@ -33,9 +33,30 @@ LoraFormat = Literal["diffusers", "kohya"]
 
 
 class _Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are re-validated on edit."""
+    """Base for every section: unknown keys are errors, values are re-validated on edit.
+
+    ``_omit_when_default`` names fields added after identities were first recorded: at
+    their default they are left out of :meth:`stable_dump`, so a checkpoint, a prepared
+    dataset's address or a published file made before the field existed still matches.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _omit_when_default: ClassVar[frozenset[str]] = frozenset()
+
+    def stable_dump(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """``model_dump`` without the newer fields that are at their default."""
+        out = self.model_dump(mode=mode)
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if name in self._omit_when_default and value == info.get_default(
+                call_default_factory=True
+            ):
+                del out[name]
+            elif isinstance(value, _Strict):
+                out[name] = value.stable_dump(mode)
+            elif isinstance(value, list) and any(isinstance(v, _Strict) for v in value):
+                out[name] = [v.stable_dump(mode) for v in value]
+        return out
 
 
 class ModelArgs(_Strict):
@@ -57,25 +78,179 @@ class ModelArgs(_Strict):
     )
 
 
+FilterOp = Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in"]
+
+
+class FilterArgs(_Strict):
+    """loraflow addition: keep only the records whose metadata field passes a comparison.
+
+    Declared as data and never evaluated as code: ``{"field": "aesthetic_score", "op": ">",
+    "value": 4.5}``. ``field`` is a column of a tabular source, or a key of a webdataset
+    sample's ``.json`` (dots reach into nested objects: ``"meta.width"``).
+    """
+
+    field: str = Field(min_length=1, description="Column or JSON key (dots for nesting).")
+    op: FilterOp = Field(description="Comparison: ==, !=, >, >=, <, <=, in, not_in.")
+    value: float | int | str | bool | list[float | int | str | bool] = Field(
+        description="What the field is compared with (a list for in / not_in)."
+    )
+    missing: Literal["error", "exclude", "include"] = Field(
+        "error",
+        description="A record without the field: an error naming it (default), left out, "
+        "or kept.",
+    )
+
+
+class CaptionArgs(_Strict):
+    """loraflow addition: how captions are changed each time a sample is used.
+
+    Every random choice is drawn from the sample's own seeded generator, so a resumed run
+    makes the same choices. Order: pick one caption, shuffle its tags, drop it, then add
+    the prefix and suffix (a dropped caption stays empty: that is what the unconditional
+    case of classifier-free guidance needs).
+    """
+
+    prefix: str | None = Field(
+        None, description="Text put before every caption as written, e.g. 'sks, '."
+    )
+    suffix: str | None = Field(None, description="Text put after every caption as written.")
+    dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability that a sample trains with an empty caption."
+    )
+    shuffle_tags: bool = Field(
+        False, description="Shuffle the caption's tags (split on tag_separator) each use."
+    )
+    keep_tokens: int = Field(
+        0, ge=0, description="Leading tags that stay in place when tags are shuffled."
+    )
+    tag_separator: str = Field(",", min_length=1, description="What separates tags.")
+
+
+class BucketArgs(_Strict):
+    """loraflow addition: aspect-ratio buckets (set to turn them on).
+
+    Each image goes to the bucket nearest its aspect ratio, is resized to cover it and
+    cropped (center or random, as ``transforms.center_crop`` says); a batch holds one
+    bucket. Without ``ratios`` or ``sizes`` the buckets are every width x height with
+    sides multiples of ``step``, area at most resolution^2 and aspect ratio at most
+    ``max_aspect_ratio``.
+    """
+
+    step: int = Field(
+        64, ge=8, multiple_of=8, description="Bucket sides are multiples of this (pixels)."
+    )
+    max_aspect_ratio: float = Field(
+        2.0, ge=1, le=16, description="Widest and tallest bucket allowed (long / short side)."
+    )
+    ratios: list[float | str] | None = Field(
+        None,
+        min_length=1,
+        description="Aspect ratios (width / height) to make buckets of, as numbers or "
+        "'W:H' strings, e.g. ['1:1', '3:2', '2:3', '16:9']; each bucket has area about "
+        "resolution^2 with sides multiples of step.",
+    )
+    sizes: list[tuple[int, int]] | None = Field(
+        None, min_length=1, description="Explicit buckets as [width, height] pairs in pixels."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> BucketArgs:
+        if self.ratios is not None and self.sizes is not None:
+            raise ValueError("give ratios or sizes, not both")
+        for i, (width, height) in enumerate(self.sizes or []):
+            if width <= 0 or height <= 0:
+                raise ValueError(f"sizes[{i}] is {width}x{height}: both sides must be > 0")
+        for i, ratio in enumerate(self.ratios or []):
+            _check_ratio(ratio, i)
+        return self
+
+
+def _check_ratio(ratio: float | str, index: int) -> None:
+    if isinstance(ratio, str):
+        parts = ratio.split(":")
+        ok = len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts)
+        if not ok:
+            raise ValueError(f"ratios[{index}] is {ratio!r}: write W:H with two positive whole "
+                             "numbers, e.g. '16:9', or a number > 0")
+    elif not ratio > 0:
+        raise ValueError(f"ratios[{index}] is {ratio}: an aspect ratio must be > 0")
+
+
 class DatasetArgs(_Strict):
+    """One data source (a "subset"): where its images and captions are, and how it trains."""
+
+    _omit_when_default = frozenset({
+        "shards", "filters", "caption_extension", "repeats", "loss_weight", "captions",
+        "resolution", "buckets",
+    })
+
     url: str | None = Field(
         None,
         min_length=1,
         max_length=2083,
         description="URL (http(s) or any fsspec URL) of a zip or tar(.gz/.bz2/.xz) archive "
-        "holding the dataset. Exactly one of url and name is set.",
+        "holding the dataset. Exactly one of url, name and shards is set.",
     )
     name: str | None = Field(
         None,
         min_length=1,
-        description="Hub dataset ID or local path (imagefolder, or parquet/csv/json/arrow "
-        "files). loraflow/demo-shapes names a small demo set built locally.",
+        description="Hub dataset ID or local path: an image folder (with metadata.jsonl/csv, "
+        "or kohya-style same-named .txt captions, NN_name repeat folders), parquet/csv/json/"
+        "arrow files, or a datasets save_to_disk folder. loraflow/demo-shapes names a small "
+        "demo set built locally.",
     )
     config_name: str | None = Field(None, description="Dataset configuration, if it has several.")
     image_column: str = Field("image", description="Column holding the image.")
     caption_column: str = Field(
         "text", description="Column holding the caption; a list of captions means pick one."
     )
+    # loraflow additions
+    shards: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="loraflow: webdataset tar shards (NNNN.jpg + NNNN.txt + optional NNNN.json "
+        "per sample), local or fsspec URLs, with brace patterns: "
+        "'s3://bucket/shards/{0000..0099}.tar'. Streamed: only an index is stored locally.",
+    )
+    filters: list[FilterArgs] = Field(
+        default_factory=list,
+        description="loraflow: keep only records passing every filter (declared as data).",
+    )
+    caption_extension: str = Field(
+        ".txt",
+        pattern=r"^\.[A-Za-z0-9_]+$",
+        description="loraflow: extension of same-named caption files in an image folder.",
+    )
+    repeats: int = Field(
+        1, ge=1, description="loraflow: times each image of this subset is used per epoch."
+    )
+    loss_weight: float = Field(
+        1.0, gt=0, description="loraflow: weight of this subset's samples in the loss."
+    )
+    captions: CaptionArgs = Field(
+        default_factory=CaptionArgs, description="loraflow: caption prefix, dropout, shuffle."
+    )
+    resolution: int | None = Field(
+        None, ge=8, description="loraflow: this subset's training size; null: train_args'."
+    )
+    buckets: BucketArgs | None = Field(
+        None, description="loraflow: this subset's buckets; null: train_args.buckets."
+    )
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _filters_are_data(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, str) or (
+                isinstance(item, (list, tuple)) and any(isinstance(v, str) and "lambda" in v
+                                                        for v in item)
+            ):
+                raise ValueError(
+                    f"filters[{i}] is code ({str(item)[:60]!r}); filters are data and never "
+                    'evaluated: write {"field": "aesthetic_score", "op": ">", "value": 4.5}'
+                )
+        return value
 
 
 class ValidationArgs(_Strict):
@@ -107,6 +282,8 @@ class AdamOptimizerArgs(_Strict):
 
 
 class TrainArgs(_Strict):
+    _omit_when_default = frozenset({"buckets"})
+
     learning_rate: float = Field(1e-4, gt=0, description="Initial learning rate after warmup.")
     batch_size: int = Field(16, ge=1, description="Samples per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
@@ -170,6 +347,11 @@ class TrainArgs(_Strict):
         False,
         description="loraflow: run the UNet in channels-last memory format (faster convolutions "
         "on recent GPUs). Results may differ from channels-first in the last bits.",
+    )
+    buckets: BucketArgs | None = Field(
+        None,
+        description="loraflow: aspect-ratio bucketing of every subset (a subset may set its "
+        "own). null: every image is resized and cropped to one square of resolution.",
     )
 
 
@@ -238,8 +420,14 @@ class TaskDefinition(_Strict):
         extra="forbid", validate_assignment=True, title="FinetuneLoraTaskArgs"
     )
 
+    _omit_when_default = frozenset({"datasets"})
+
     model: ModelArgs = Field(description="The pretrained base model.")
-    dataset: DatasetArgs = Field(description="The training images and captions.")
+    dataset: DatasetArgs | None = Field(
+        None,
+        description="The training images and captions. Exactly one of dataset and datasets "
+        "is set.",
+    )
     validation: ValidationArgs = Field(description="How validation images are made.")
     train_args: TrainArgs = Field(description="Optimisation, schedule and segment length.")
     lora: LoraArgs = Field(default_factory=LoraArgs, description="The LoRA adapter's shape.")
@@ -264,8 +452,26 @@ class TaskDefinition(_Strict):
     output: OutputArgs = Field(
         default_factory=OutputArgs, description="loraflow: what is published at the end."
     )
+    datasets: list[DatasetArgs] | None = Field(
+        None,
+        min_length=1,
+        description="loraflow: several subsets trained together, each with its own repeats, "
+        "loss weight, captions and resolution; instead of dataset.",
+    )
+
+    @model_validator(mode="after")
+    def _one_dataset_section(self) -> TaskDefinition:
+        if (self.dataset is None) == (self.datasets is None):
+            raise ValueError("set exactly one of 'dataset' (one source) and 'datasets' "
+                             "(several subsets)")
+        return self
 
     # -- derived values (computed, never stored) --------------------------------------
+
+    @property
+    def subsets(self) -> list[DatasetArgs]:
+        """The data sources: ``datasets``, or the one ``dataset`` (a Crynux task)."""
+        return list(self.datasets) if self.datasets is not None else [self.dataset]
 
     @property
     def lora_alpha(self) -> float:

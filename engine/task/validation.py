@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from engine.errors import LoraflowError
 from engine.store import storage
 from engine.store.storage import StorageError
-from engine.task.definition import TaskDefinition
+from engine.task.definition import DatasetArgs, TaskDefinition
 from engine.task.migration import UnknownVersionError, migrate
 
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -266,15 +266,9 @@ def cross_field_problems(task: TaskDefinition) -> list[Problem]:
     """Rules JSON Schema cannot say, each a mistake a user can really make."""
     problems: list[Problem] = []
     add = lambda pointer, message: problems.append(Problem(pointer, message))  # noqa: E731
-    ds, ta, lora = task.dataset, task.train_args, task.lora
-
-    if (ds.name is None) == (ds.url is None):
-        which = "both are set" if ds.name is not None else "neither is set"
-        add("/dataset", f"set exactly one of name and url; {which}")
-    if ds.url is not None and not URL_RE.match(ds.url):
-        add("/dataset/url", f"must be a URL such as https://... or s3://...; got {_show(ds.url)}")
-    if ds.image_column == ds.caption_column:
-        add("/dataset/caption_column", "must differ from image_column")
+    ta, lora = task.train_args, task.lora
+    for where, ds in _subset_pointers(task):
+        problems += _subset_problems(ds, where)
 
     if task.model.name.lower().endswith((".ckpt", ".safetensors", ".pt", ".bin", ".pth")):
         add(
@@ -338,6 +332,28 @@ def cross_field_problems(task: TaskDefinition) -> list[Problem]:
     return problems
 
 
+def _subset_pointers(task: TaskDefinition) -> list[tuple[str, DatasetArgs]]:
+    if task.datasets is None:
+        return [("/dataset", task.subsets[0])]
+    return [(f"/datasets/{i}", ds) for i, ds in enumerate(task.datasets)]
+
+
+def _subset_problems(ds: DatasetArgs, where: str) -> list[Problem]:
+    """One data source's own rules: one place to read from, distinct columns."""
+    problems: list[Problem] = []
+    given = [k for k in ("name", "url", "shards") if getattr(ds, k) is not None]
+    if len(given) != 1:
+        which = f"{' and '.join(given)} are set" if given else "none is set"
+        problems.append(Problem(where, f"set exactly one of name, url and shards; {which}"))
+    if ds.url is not None and not URL_RE.match(ds.url):
+        problems.append(Problem(
+            f"{where}/url", f"must be a URL such as https://... or s3://...; got {_show(ds.url)}"
+        ))
+    if ds.image_column == ds.caption_column:
+        problems.append(Problem(f"{where}/caption_column", "must differ from image_column"))
+    return problems
+
+
 # -- the whole pipeline ---------------------------------------------------------------
 
 
@@ -356,7 +372,7 @@ def validate_document(doc: Any, source: str = "task") -> TaskDefinition:
         raise TaskValidationError([Problem("/version", str(exc))], source) from None
 
     errors = sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
-    problems = [p for e in errors for p in _schema_message(e)]
+    problems = _dataset_sections(doc) + [p for e in errors for p in _schema_message(e)]
     if problems:
         raise TaskValidationError(_unique(problems), source)
     try:
@@ -368,6 +384,16 @@ def validate_document(doc: Any, source: str = "task") -> TaskDefinition:
     if problems:
         raise TaskValidationError(problems, source)
     return task
+
+
+def _dataset_sections(doc: dict[str, Any]) -> list[Problem]:
+    """Exactly one of ``dataset`` (a Crynux task's one source) and ``datasets``."""
+    if "dataset" not in doc and "datasets" not in doc:
+        return [Problem("/dataset", "required field is missing")]
+    if "dataset" in doc and "datasets" in doc:
+        return [Problem("/datasets", "set exactly one of dataset (one source) and datasets "
+                                     "(several subsets), not both")]
+    return []
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:

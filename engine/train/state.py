@@ -33,13 +33,12 @@ def training_identity(task: TaskDefinition, dataset_hash: str) -> dict[str, Any]
     validation, output formats, cache mode) are left out: they may differ between
     segments without changing the result.
     """
-    ta = task.train_args.model_dump(
-        exclude={"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
-                 "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
-    )
+    per_segment = {"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
+                   "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
+    ta = {k: v for k, v in task.train_args.stable_dump().items() if k not in per_segment}
     return {
         "model": task.model.model_dump(),
-        "dataset": {**task.dataset.model_dump(), "content_hash": dataset_hash},
+        "dataset": {**task.subsets[0].stable_dump(), "content_hash": dataset_hash},
         "train_args": ta,
         "lora": {**task.lora.model_dump(exclude={"alpha"}), "alpha": task.lora_alpha},
         "transforms": task.transforms.model_dump(),

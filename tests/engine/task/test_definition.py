@@ -200,9 +200,9 @@ def test_missing_required_sections_are_named() -> None:
     [
         (
             {"dataset": {"name": "d", "url": "https://x/y.zip"}},
-            "/dataset: set exactly one of name and url; both are set",
+            "/dataset: set exactly one of name, url and shards; name and url are set",
         ),
-        ({"dataset": {}}, "/dataset: set exactly one of name and url; neither is set"),
+        ({"dataset": {}}, "/dataset: set exactly one of name, url and shards; none is set"),
         (
             {"train_args": {"num_train_steps": 10, "max_train_steps": 5}},
             "/train_args/num_train_steps: must be <= max_train_steps (5), got 10",

@@ -87,7 +87,7 @@ def test_a_bad_value_gets_the_message_of_the_file_and_names_the_override() -> No
 
 def test_cross_field_rules_see_the_overridden_values() -> None:
     (text,) = problems_of(["dataset.url=s3://bucket/data.zip"])
-    assert text.startswith("/dataset: set exactly one of name and url")
+    assert text.startswith("/dataset: set exactly one of name, url and shards")
     assert text.endswith("(override dataset.url=s3://bucket/data.zip)")
 
 
