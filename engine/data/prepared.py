@@ -15,7 +15,8 @@ from typing import Any
 
 from engine.data.dataset import prepare_dataset
 from engine.data.identity import default_dataset_address
-from engine.data.layout import open_dataset
+from engine.data.layout import DatasetManifest, open_dataset
+from engine.data.training_data import SubsetSettings, TrainingData
 from engine.model.embedded.registry import is_embedded, loraflow_home, resolve_dataset
 from engine.task.definition import DatasetArgs, TaskDefinition
 
@@ -35,17 +36,31 @@ def default_cache_root() -> str:
     return str(loraflow_home() / "cache")
 
 
-def prepare_for_task(task: TaskDefinition, data_root: str | None, progress: bool = False):
-    """Prepare (or find already prepared) the task's dataset; returns its manifest."""
-    args = resolved_dataset_args(task.dataset)
+def prepare_subsets(task: TaskDefinition, data_root: str | None,
+                    progress: bool = False) -> list[DatasetManifest]:
+    """Prepare (or find already prepared) each of the task's subsets; their manifests."""
     root = data_root or default_data_root()
-    address = default_dataset_address(args, root)
-    return prepare_dataset(args, address, progress=progress)
+    out = []
+    for subset in task.subsets:
+        args = resolved_dataset_args(subset)
+        out.append(prepare_dataset(args, default_dataset_address(args, root), progress=progress))
+    return out
 
 
-def load_dataset_for_task(task: TaskDefinition, data_root: str | None, progress: bool = False):
-    manifest = prepare_for_task(task, data_root, progress)
-    return open_dataset(manifest.address)
+def prepare_for_task(task: TaskDefinition, data_root: str | None,
+                     progress: bool = False) -> DatasetManifest:
+    """The first subset's manifest (the only one of a one-source task)."""
+    return prepare_subsets(task, data_root, progress)[0]
+
+
+def load_dataset_for_task(task: TaskDefinition, data_root: str | None,
+                          progress: bool = False) -> TrainingData:
+    """Every subset prepared and opened, as the one collection training reads."""
+    manifests = prepare_subsets(task, data_root, progress)
+    return TrainingData(
+        [open_dataset(m.address) for m in manifests],
+        [SubsetSettings.of(args, task.train_args) for args in task.subsets],
+    )
 
 
 def model_identity(base: Any) -> str:
