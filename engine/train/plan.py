@@ -20,10 +20,21 @@ from engine.train.seeding import generator
 
 @dataclass(frozen=True)
 class SampleRef:
-    """One use of one dataset example: which epoch, which example."""
+    """One use of one dataset example: which epoch, which example, which use.
+
+    ``draw`` numbers the uses of an epoch (an example repeated 3 times has 3); the
+    sample's random draws are keyed by it. Without repeats it is the example's index,
+    as it always was, so such training keeps its bits.
+    """
 
     epoch: int
     index: int
+    draw: int | None = None
+
+    @property
+    def key(self) -> int:
+        """What the per-sample generators are keyed by (with the epoch)."""
+        return self.index if self.draw is None else self.draw
 
 
 @dataclass(frozen=True)

@@ -59,17 +59,17 @@ def decide(captions: list[str], image_size: tuple[int, int], ref: SampleRef,
     captions = captions or [""]
     pick = 0
     if len(captions) > 1:
-        g = generator(seed, "caption", ref.epoch, ref.index)
+        g = generator(seed, "caption", ref.epoch, ref.key)
         pick = int(torch.randint(len(captions), (1,), generator=g))
     crop = plan_crop(
         image_size,
         settings.resolution,
         center=settings.center_crop,
-        generator=generator(seed, "crop", ref.epoch, ref.index),
+        generator=generator(seed, "crop", ref.epoch, ref.key),
     )
     flip = False
     if settings.random_flip:
-        flip = bool(torch.rand(1, generator=generator(seed, "flip", ref.epoch, ref.index)) < 0.5)
+        flip = bool(torch.rand(1, generator=generator(seed, "flip", ref.epoch, ref.key)) < 0.5)
     return SampleDecisions(captions[pick], crop, flip)
 
 
@@ -116,7 +116,7 @@ class Batch:
 
 
 def draw_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, ref: SampleRef) -> torch.Tensor:
-    eps = torch.randn(mean.shape, generator=generator(seed, "latent", ref.epoch, ref.index))
+    eps = torch.randn(mean.shape, generator=generator(seed, "latent", ref.epoch, ref.key))
     return mean.float() + std.float() * eps
 
 
@@ -124,11 +124,11 @@ def draw_noise(shape: torch.Size, seed: int, ref: SampleRef, num_timesteps: int,
                offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Diffusion noise (plus ``offset`` times a per-channel draw) and the timestep of one
     sample, from the sample's own generators."""
-    g = generator(seed, "noise", ref.epoch, ref.index)
+    g = generator(seed, "noise", ref.epoch, ref.key)
     noise = torch.randn(shape, generator=g)
     if offset:
         noise = noise + offset * torch.randn((shape[0], 1, 1), generator=g)
-    timestep_generator = generator(seed, "timestep", ref.epoch, ref.index)
+    timestep_generator = generator(seed, "timestep", ref.epoch, ref.key)
     t = torch.randint(0, num_timesteps, (1,), generator=timestep_generator)
     return noise, t
 
