@@ -99,10 +99,25 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args
 
 
+def keep_torch_caches_in_loraflow_home() -> None:
+    """Point torch's compile cache (``torchinductor_<user>``, which importing diffusers or
+    peft creates in the temporary directory) into ``$LORAFLOW_HOME``, unless it is set.
+
+    A worker's temporary directory then holds nothing loraflow made once a command ends,
+    and a later ``torch.compile`` finds its cache again.
+    """
+    import os
+
+    from engine.model.embedded.registry import loraflow_home
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loraflow_home() / "torchinductor"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code."""
     from engine.errors import LoraflowError
 
+    keep_torch_caches_in_loraflow_home()
     args = parse_arguments(build_parser(), argv)
     configure_logging(args.verbose)
     try:
