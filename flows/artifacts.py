@@ -1,8 +1,11 @@
 """What a person sees of a fine-tuning run in the Prefect UI: progress, metrics, results.
 
-Four artifacts per run, keyed by the run folder (:func:`run_key`) so that the Artifacts
+Five artifacts per run, keyed by the run folder (:func:`run_key`) so that the Artifacts
 page keeps one history per run folder:
 
+* ``<run>-data``: a table of what one epoch trains, one row per bucket (images, uses per
+  epoch, batches) and a total; subsets and skipped files in its description. Made
+  once the data is prepared, before any step;
 * ``<run>-progress``: a progress bar (training steps done / total), moved every few
   seconds while a segment trains (``tasks.progress``) and after each segment;
 * ``<run>-segments``: a table, one row per segment: steps, mean loss, seconds, samples/s;
@@ -25,6 +28,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from engine.data.epoch_summary import EpochSummary
 from engine.store import storage
 from flows.charts import MEAN_WINDOW, moving_mean, training_chart
 from flows.run_names import slug
@@ -60,6 +64,37 @@ def show_progress(artifact_id: UUID, done_steps: int, total_steps: int) -> None:
     update_progress_artifact(
         artifact_id, percent(done_steps, total_steps),
         description=f"{done_steps} of {total_steps} training steps done",
+    )
+
+
+def data_rows(epoch: EpochSummary) -> list[dict]:
+    """One row per bucket of an epoch, then the total (plain numbers: the UI sorts them)."""
+    rows = [{"bucket": b.bucket, "images": b.images, "uses per epoch": b.uses,
+             "batches": b.batches} for b in epoch.buckets]
+    rows.append({"bucket": "all", "images": epoch.images,
+                 "uses per epoch": epoch.images_per_epoch, "batches": epoch.batches_per_epoch})
+    return rows
+
+
+def data_description(epoch: EpochSummary) -> str:
+    """The table's caption: images per epoch, each subset, and what was skipped, why."""
+    text = (f"One epoch: {epoch.images} images, {epoch.images_per_epoch} uses (images x "
+            f"repeats) in {epoch.batches_per_epoch} batches of up to {epoch.batch_size}, "
+            "each batch one bucket.")
+    if len(epoch.subsets) > 1:
+        text += " Subsets: " + "; ".join(
+            f"{s.name}: {s.images} images x{s.repeats} = {s.uses}" for s in epoch.subsets
+        ) + "."
+    if epoch.skipped:
+        shown = ", ".join(f"{s.get('file', s.get('index'))} ({s.get('reason')})"
+                          for s in epoch.skipped_examples[:5])
+        text += f" Skipped {epoch.skipped} file(s): {shown}."
+    return text
+
+
+def show_data(output_dir: str, epoch: EpochSummary) -> UUID:
+    return create_table_artifact(
+        data_rows(epoch), key=f"{run_key(output_dir)}-data", description=data_description(epoch),
     )
 
 

@@ -17,6 +17,8 @@ resolve string annotations such as ``"TaskDefinition"`` (the run fails validatio
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from engine.data.epoch_summary import summary_lines
+from engine.data.prepared import load_dataset_for_task
 from engine.store import storage
 from engine.store.commit import read_manifest
 from engine.task.definition import TaskDefinition
@@ -147,8 +149,11 @@ def finetune(
             "%d image(s) skipped while preparing the dataset, e.g. %s",
             dataset.skipped, dataset.skipped_examples[:3],
         )
+    if dataset.epoch is not None:
+        logger.info("\n".join(summary_lines(dataset.epoch)))
+        artifacts.show_data(output_dir, dataset.epoch)
 
-    plan = TrainingPlan.for_task(task, dataset.count)
+    plan = TrainingPlan.for_task(task, load_dataset_for_task(task, data_dir))  # buckets, repeats
     segments = train_all_segments(
         task, plan, output_dir, dataset, cache_dir=cache_dir, data_dir=data_dir,
         budget_seconds=budget_seconds or task.train_args.segment_budget_seconds,
@@ -236,6 +241,7 @@ def run_result(summary: RunSummary, published: PublishResult,
     })
     return {
         **totals,
+        "dataset": dict(summary.dataset),
         "lora": published.model_dump(mode="json"),
         "validation": list(validation.images),
         "segment_results": list(summary.segment_results),

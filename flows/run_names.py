@@ -28,8 +28,12 @@ def slug(text: str) -> str:
 
 
 def _dataset_stem(task: Any) -> str:
-    """The dataset's last path part (``loraflow/demo-shapes`` -> ``demo-shapes``), if any."""
-    dataset = task.get("dataset") if isinstance(task, dict) else getattr(task, "dataset", None)
+    """The dataset's last path part (``loraflow/demo-shapes`` -> ``demo-shapes``), if any;
+    with several subsets, the first one's."""
+    def field(name: str) -> Any:
+        return task.get(name) if isinstance(task, dict) else getattr(task, name, None)
+
+    dataset = field("dataset") or (field("datasets") or [None])[0]
     if dataset is None:
         return ""
     get = dataset.get if isinstance(dataset, dict) else lambda k: getattr(dataset, k, None)

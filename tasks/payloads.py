@@ -14,11 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.data.epoch_summary import SKIPPED_SHOWN, EpochSummary
 from engine.task.definition import TaskDefinition
 from engine.train.options import SegmentResult
-
-#: How many skipped images a dataset summary names; the full list stays in the manifest.
-SKIPPED_SHOWN = 20
 
 
 class Payload(BaseModel):
@@ -27,8 +25,28 @@ class Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def tagged_skipped(manifests: list[Any], names: list[str]) -> list[dict[str, Any]]:
+    """Every subset's skipped images, each naming its subset when there are several."""
+    return [{**s, "subset": names[k]} if len(manifests) > 1 else dict(s)
+            for k, m in enumerate(manifests) for s in m.skipped]
+
+
+class PreparedSubset(Payload):
+    """One prepared subset: its public name (never a local path), address and hash."""
+
+    name: str
+    address: str
+    count: int
+    content_hash: str
+
+
 class DatasetSummary(Payload):
-    """The prepared dataset: where it lives, its content hash, what was left out."""
+    """The prepared data of every subset: where each lives, the hash of all of them,
+    what was left out, and what one epoch holds.
+
+    ``address`` is the first subset's (the only one of a one-source task), ``count``
+    and ``content_hash`` cover every subset (for one subset: its own).
+    """
 
     address: str
     count: int
@@ -36,6 +54,8 @@ class DatasetSummary(Payload):
     skipped: int  # how many images were skipped (unreadable, too small, ...)
     skipped_examples: list[dict[str, Any]]  # the first SKIPPED_SHOWN of them: index, reason
     empty_captions: int
+    subsets: list[PreparedSubset] = []
+    epoch: EpochSummary | None = None  # buckets, subsets, uses and batches of one epoch
 
     @classmethod
     def of_manifest(cls, manifest: Any) -> "DatasetSummary":
@@ -49,11 +69,39 @@ class DatasetSummary(Payload):
             empty_captions=manifest.empty_captions,
         )
 
+    @classmethod
+    def of_subsets(cls, manifests: list[Any], names: list[str], content_hash: str,
+                   epoch: EpochSummary | None = None) -> "DatasetSummary":
+        """From every subset's manifest (in the task's order); a skipped image names its
+        subset when there are several."""
+        skipped = tagged_skipped(manifests, names)
+        return cls(
+            address=manifests[0].address,
+            count=sum(m.count for m in manifests),
+            content_hash=content_hash,
+            skipped=len(skipped),
+            skipped_examples=skipped[:SKIPPED_SHOWN],
+            empty_captions=sum(m.empty_captions for m in manifests),
+            subsets=[PreparedSubset(name=name, address=m.address, count=m.count,
+                                    content_hash=m.content_hash)
+                     for name, m in zip(names, manifests, strict=True)],
+            epoch=epoch,
+        )
+
     def counts(self) -> dict[str, Any]:
-        """The part the run summary keeps: how many examples, skipped, empty captions."""
-        return self.model_dump(
+        """The part the run summary keeps: how many examples, skipped, empty captions,
+        and (when known) each subset by name and what one epoch holds."""
+        out = self.model_dump(
             mode="json", include={"count", "skipped", "skipped_examples", "empty_captions"}
         )
+        if self.epoch is not None:  # its skipped files are the ones above
+            out["epoch"] = self.model_dump(
+                mode="json", include={"epoch"}, exclude={"epoch": {"skipped_examples"}}
+            )["epoch"]
+        if self.subsets:
+            out["subsets"] = [s.model_dump(include={"name", "count", "content_hash"})
+                              for s in self.subsets]
+        return out
 
 
 class CacheSummary(Payload):
@@ -149,6 +197,6 @@ class PublishResult(Payload):
 
 
 __all__ = [
-    "SKIPPED_SHOWN", "CacheSummary", "DatasetSummary", "Payload", "PublishResult", "RunSummary",
-    "SegmentRequest", "SegmentSummary", "ValidationResult",
+    "SKIPPED_SHOWN", "CacheSummary", "DatasetSummary", "Payload", "PreparedSubset",
+    "PublishResult", "RunSummary", "SegmentRequest", "SegmentSummary", "ValidationResult",
 ]

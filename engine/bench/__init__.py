@@ -16,20 +16,24 @@ What is measured, per family and resolution (medians over ``repeats`` runs):
   step;
 - peak memory (CUDA allocator peak on a GPU; peak resident set size on a CPU);
 - FLOPs per sample of one real training step, counted by ``FlopCounterMode``, and on a
-  GPU the model FLOPs utilisation against the device's dense peak.
+  GPU the model FLOPs utilisation against the device's dense peak;
+- on request (``--data-path``), the data path's samples/s (decode + transforms, from the
+  cache and live, 0 and 2 workers) beside the step's.
 
 The rooms: ``settings`` (what to measure, the task it trains), ``models`` (full-size
 configs built in memory, tiny models), ``data`` (synthetic images), ``trainer`` (one
 engine trainer at a time), ``probes`` (sync, memory), ``flops`` (FLOP counts), ``peaks``
-(device peak table, MFU), ``training`` (samples/s), ``cache_build``, ``restart``
-(checkpoint save, segment restart), ``machine`` (what it ran on), ``report`` (JSON and
-markdown), ``run`` (the whole run in order). This file only re-exports.
+(device peak table, MFU), ``training`` (samples/s), ``data_path`` (decode + transforms
+beside the step), ``cache_build``, ``restart`` (checkpoint save, segment restart),
+``machine`` (what it ran on), ``report`` (JSON and markdown), ``run`` (the whole run in
+order). This file only re-exports.
 
 This package never imports Prefect; ``loraflow bench`` (flows/cli/bench.py) is its
 command line.
 """
 
 from engine.bench.data import SyntheticDataset
+from engine.bench.data_path import measure_data_path
 from engine.bench.flops import (
     count_step_flops,
     count_unet_forward_flops,
@@ -59,7 +63,7 @@ __all__ = [
     "BenchReport", "BenchSettings", "SyntheticDataset",
     "base_from_pipeline", "bench_task", "build_modules", "build_pipeline",
     "count_step_flops", "count_unet_forward_flops", "device_peak_flops", "flop_counter",
-    "load_bench_config", "machine_info", "make_settings", "measure_flops",
+    "load_bench_config", "machine_info", "make_settings", "measure_data_path", "measure_flops",
     "meta_forward_flops", "native_resolution", "parameter_count", "peak_for_name",
     "render_markdown", "run_benchmark", "trainer_for", "utilisation", "write_outputs",
 ]

@@ -21,6 +21,7 @@ class BenchReport:
     flops: dict[str, Any] = field(default_factory=dict)
     cache_build: dict[str, Any] = field(default_factory=dict)
     training: list[dict[str, Any]] = field(default_factory=list)
+    data_path: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_save: dict[str, Any] = field(default_factory=dict)
     restart: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
@@ -86,7 +87,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    if report.get("data_path"):
+        lines += ["", *data_path_lines(report["data_path"])]
     return "\n".join(lines) + "\n"
+
+
+def data_path_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The data path beside the step: ratio > 1 means the data path keeps up."""
+    lines = [
+        "| px | batch | inputs | workers | data path samples/s | step samples/s "
+        "| data path / step | training samples/s (fed by the stream) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['resolution']} | {r['batch_size']} | {r['inputs']} | {r['workers']} | "
+            f"{_fmt(r['data_path_samples_per_second'], '.1f')} | "
+            f"{_fmt(r['step_samples_per_second'], '.1f')} | {_fmt(r['ratio'], '.2f', 'x')} | "
+            f"{_fmt(r['training_samples_per_second'], '.1f')} |"
+        )
+    return lines
 
 
 def _growth(row: dict[str, Any]) -> int | None:

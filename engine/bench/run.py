@@ -19,6 +19,7 @@ import torch
 
 from engine.bench.cache_build import measure_cache_build
 from engine.bench.data import SyntheticDataset
+from engine.bench.data_path import measure_data_path
 from engine.bench.flops import measure_flops, meta_forward_flops
 from engine.bench.machine import load_average, machine_info, sdpa_backends
 from engine.bench.models import (
@@ -109,6 +110,9 @@ def _run_all(settings: BenchSettings, device: torch.device, dtype: torch.dtype, 
     flops = {"cache": report.flops["train_step_per_sample"],
              "live": report.flops.get("train_step_live_per_sample")}
     report.training = measure_training(base, settings, dataset, cache, flops, peak)
+    if settings.data_path:
+        log.info("data path")
+        report.data_path = measure_data_path(base, settings, workdir)
     log.info("checkpoint save")
     report.checkpoint_save = measure_checkpoint_save(base, settings, dataset, cache, workdir)
     if not settings.restart:

@@ -6,7 +6,7 @@ so a lever measured here is the very switch a user sets in a task.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class BenchSettings:
     smoke: bool = False
     live: bool = True
     restart: bool = True
+    data_path: list[int] = field(default_factory=list)  # resolutions; empty: not measured
 
     @property
     def model(self) -> str:
@@ -47,6 +48,7 @@ def make_settings(
     repeats: int | None = None, steps: int | None = None, warmup: int | None = None,
     levers: list[str] | None = None, rank: int = 4, device: str | None = None,
     threads: int | None = None, smoke: bool = False, live: bool = True, restart: bool = True,
+    data_path: list[int] | None = None,
 ) -> BenchSettings:
     """Settings with defaults: a smoke run is seconds long, a full run quotable."""
     family = family or "tiny-sd1"
@@ -72,6 +74,7 @@ def make_settings(
         live=live,
         # smoke runs never write a multi-GB full-size model to disk
         restart=restart and not (smoke and FAMILIES[family] in FULL_SIZE),
+        data_path=list(data_path or []),
     )
 
 

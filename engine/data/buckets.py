@@ -58,7 +58,8 @@ def bucket_list(resolution: int, args: BucketArgs | None) -> tuple[Bucket, ...]:
 
 def _derived(resolution: int, step: int, max_aspect_ratio: float) -> list[Bucket]:
     """Every (w, h), sides multiples of ``step``, area <= resolution^2, h the largest that
-    fits for w, long/short <= ``max_aspect_ratio``."""
+    fits for w, long/short <= ``max_aspect_ratio``; and each one turned on its side, so
+    portrait and landscape photos get the same shapes."""
     area = resolution * resolution
     out = []
     for width in range(step, int(resolution * max_aspect_ratio) + step, step):
@@ -66,7 +67,7 @@ def _derived(resolution: int, step: int, max_aspect_ratio: float) -> list[Bucket
         if height < step:
             break
         if max(width, height) <= max_aspect_ratio * min(width, height):
-            out.append(Bucket(width, height))
+            out += [Bucket(width, height), Bucket(height, width)]  # portrait as landscape
     return out
 
 

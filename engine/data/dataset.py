@@ -8,7 +8,10 @@ any fsspec location (:mod:`engine.data.layout`), which is all that training read
 
 Bad images never stop preparation: each is skipped and listed in the manifest's
 ``skipped`` as ``{"index": i, "file": name, "reason": ...}`` (i = row of the source split;
-``file`` where the row names one). A dataset with no usable image at all is an error.
+``file`` where the row names one); so is an image of a caption folder whose caption file
+is missing or unreadable (:mod:`engine.data.caption_files`). A dataset with no usable
+image at all is an error. Rows that ``DatasetArgs.filters`` leave out are counted
+(``filtered_out``), before any image work.
 
 ``datasets`` writes its arrow cache into a scratch folder under ``work_dir`` (removed at
 the end), never into ``~/.cache``.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.data.buckets import Bucket, nearest_bucket
 from engine.data.captions import check_columns, has_text, normalized_captions
 from engine.data.errors import DatasetError
 from engine.data.identity import canonical_json, source_record
@@ -37,6 +41,7 @@ from engine.data.layout import (
     normal_address,
     read_committed,
 )
+from engine.data.row_filters import apply_filters
 from engine.data.sources import Source, as_image_column, image_bytes, image_name, load_source
 from engine.task.definition import DatasetArgs
 
@@ -47,6 +52,7 @@ def prepare_dataset(
     *,
     work_dir: Path | None = None,
     progress: bool = False,
+    buckets: tuple[Bucket, ...] | None = None,
 ) -> DatasetManifest:
     """Prepare the dataset of ``args`` at ``dest`` (local path or fsspec URL).
 
@@ -55,23 +61,30 @@ def prepare_dataset(
     caches go to a scratch folder under ``work_dir``, removed at the end), columns and
     captions are checked before any image work, every image is checked, and the layout
     is committed with the manifest last.
+
+    ``buckets``: when given, each record gets ``"bucket": [w, h]``, the bucket nearest its
+    size (:func:`engine.data.buckets.nearest_bucket`), and the list joins the source
+    record (so the address and the reuse check follow it). None changes nothing.
     """
     if bool(args.url) == bool(args.name):
         raise DatasetError("dataset: set exactly one of 'url' and 'name'")
     address = normal_address(dest)
-    source_info = source_record(args)
+    source_info = source_record(args, buckets)
     existing = read_committed(address)
     if existing is not None and existing[0].get("source") == source_info:
         return DatasetManifest.of(address, existing[0])
     with _scratch(work_dir) as work, _progress_bars(progress):
         source = load_source(args, work, progress=progress)
         check_columns(source.dataset, args)
+        filtered_out = apply_filters(source, args.filters, args.image_column)
         captions = normalized_captions(
             list(source.dataset[args.caption_column]), args.caption_column
         )
         source.dataset = as_image_column(source.dataset, args.image_column)
         check_destination(address)
-        kept = _check_examples(source, args.image_column, captions, progress=progress)
+        kept = _check_examples(
+            source, args.image_column, captions, buckets=buckets, progress=progress
+        )
         _check_usable(kept, args)
         meta = {
             "source": source_info,
@@ -82,7 +95,10 @@ def prepare_dataset(
                 "caption": args.caption_column,
                 "available": list(source.dataset.column_names),
             },
+            **source.report,
         }
+        if args.filters:
+            meta["filtered_out"] = filtered_out
         images = _KeptImages(source, args.image_column, kept)
         manifest = commit_dataset(address, images, kept.records, meta)
     return DatasetManifest.of(address, manifest)
@@ -100,7 +116,12 @@ class _Kept:
 
 
 def _check_examples(
-    source: Source, column: str, captions: list[list[str]], *, progress: bool
+    source: Source,
+    column: str,
+    captions: list[list[str]],
+    *,
+    buckets: tuple[Bucket, ...] | None,
+    progress: bool,
 ) -> _Kept:
     """Check every image (never stops on a bad one); nothing is written yet."""
     from tqdm import tqdm
@@ -108,6 +129,9 @@ def _check_examples(
     kept = _Kept()
     rows = source.dataset.select_columns([column])
     for index, row in enumerate(tqdm(rows, desc="checking images", disable=not progress)):
+        if index in source.rejected:  # known bad before any image work (no caption file)
+            kept.skipped.append(_skipped(index, row[column], source, source.rejected[index]))
+            continue
         try:
             data = image_bytes(row[column], source)
             ext, width, height = check_image(data)
@@ -122,20 +146,26 @@ def _check_examples(
             "width": width,
             "height": height,
             "sha256": sha256,
+            **source.extras.get(index, {}),
         }
+        if buckets is not None:
+            record["bucket"] = list(nearest_bucket((width, height), buckets))
         kept.records.append(canonical_json(record))
         kept.files[file] = (index, sha256)
         kept.empty_captions += not has_text(captions[index])
     return kept
 
 
-def _skipped(index: int, value: Any, source: Source, err: Exception) -> dict[str, Any]:
-    """The manifest's entry for a skipped row: its index, its file name if any, why."""
-    entry: dict[str, Any] = {"index": index}
+def _skipped(
+    index: int, value: Any, source: Source, err: Exception | str
+) -> dict[str, Any]:
+    """The manifest's entry for a skipped row: its row in the source, its file name if
+    any, why."""
+    entry: dict[str, Any] = {"index": source.source_row(index)}
     name = image_name(value, source)
     if name is not None:
         entry["file"] = name
-    entry["reason"] = skip_reason(err)
+    entry["reason"] = err if isinstance(err, str) else skip_reason(err)
     return entry
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+from engine.data.buckets import Bucket
 from engine.store.redact import redact_url
 from engine.task.definition import DatasetArgs
 
@@ -18,11 +19,20 @@ from engine.task.definition import DatasetArgs
 DEMO_DATASET_NAME = "loraflow/demo-shapes"
 
 
-def source_record(args: DatasetArgs) -> dict[str, Any]:
+def source_record(
+    args: DatasetArgs, buckets: tuple[Bucket, ...] | None = None
+) -> dict[str, Any]:
     """The source as recorded in the manifest and hashed into addresses: the DatasetArgs
     as a dict, with credentials removed from the URL (user:password, signatures, tokens).
+
+    ``buckets``: the bucket list the records were assigned to (each record's ``bucket``),
+    kept as ``"bucket_list": [[w, h], ...]`` (``buckets`` is the DatasetArgs' own
+    settings, already in the record when set); None (no bucketing) adds nothing, so the
+    record, and the address, of a task without buckets is what it always was.
     """
     record = args.stable_dump(mode="json")
+    if buckets is not None:
+        record["bucket_list"] = [[int(b.width), int(b.height)] for b in buckets]
     if record.get("url"):
         record["url"] = redact_url(record["url"])
     if record.get("name") == DEMO_DATASET_NAME:
@@ -32,14 +42,16 @@ def source_record(args: DatasetArgs) -> dict[str, Any]:
     return record
 
 
-def default_dataset_address(args: DatasetArgs, root: str) -> str:
+def default_dataset_address(
+    args: DatasetArgs, root: str, buckets: tuple[Bucket, ...] | None = None
+) -> str:
     """Where the dataset of ``args`` is prepared under ``root``: ``{root}/dataset-{hash}``.
 
     The hash covers the whole (credential-free) source record, including the column
     names, so the same source is prepared once and found again; note that a local folder
     whose files change keeps its address (prepare into a new root to pick changes up).
     """
-    digest = hashlib.sha256(canonical_json(source_record(args)).encode()).hexdigest()
+    digest = hashlib.sha256(canonical_json(source_record(args, buckets)).encode()).hexdigest()
     return f"{root.rstrip('/')}/dataset-{digest[:16]}"
 
 

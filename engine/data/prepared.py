@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.data.buckets import Bucket
 from engine.data.dataset import prepare_dataset
 from engine.data.identity import default_dataset_address
 from engine.data.layout import DatasetManifest, open_dataset
+from engine.data.shard_index import open_shards
+from engine.data.shards import prepare_shards
 from engine.data.training_data import SubsetSettings, TrainingData
 from engine.model.embedded.registry import is_embedded, loraflow_home, resolve_dataset
 from engine.task.definition import DatasetArgs, TaskDefinition
@@ -36,14 +39,32 @@ def default_cache_root() -> str:
     return str(loraflow_home() / "cache")
 
 
+def subset_buckets(args: DatasetArgs, task: TaskDefinition) -> tuple[Bucket, ...] | None:
+    """The bucket list a subset's records are assigned to; None when bucketing is off.
+
+    On when the subset or ``train_args`` sets ``buckets``. Off, nothing is added to the
+    records or the source identity, so a task without buckets keeps its prepared
+    address and bytes.
+    """
+    if args.buckets is None and task.train_args.buckets is None:
+        return None
+    return SubsetSettings.of(args, task.train_args).buckets
+
+
 def prepare_subsets(task: TaskDefinition, data_root: str | None,
                     progress: bool = False) -> list[DatasetManifest]:
-    """Prepare (or find already prepared) each of the task's subsets; their manifests."""
+    """Prepare (or find already prepared) each of the task's subsets; their manifests.
+
+    With bucketing on, each record holds its bucket (``"bucket": [w, h]``).
+    """
     root = data_root or default_data_root()
     out = []
     for subset in task.subsets:
         args = resolved_dataset_args(subset)
-        out.append(prepare_dataset(args, default_dataset_address(args, root), progress=progress))
+        buckets = subset_buckets(subset, task)
+        prepare = prepare_shards if args.shards else prepare_dataset
+        out.append(prepare(args, default_dataset_address(args, root, buckets),
+                           progress=progress, buckets=buckets))
     return out
 
 
@@ -56,9 +77,14 @@ def prepare_for_task(task: TaskDefinition, data_root: str | None,
 def load_dataset_for_task(task: TaskDefinition, data_root: str | None,
                           progress: bool = False) -> TrainingData:
     """Every subset prepared and opened, as the one collection training reads."""
-    manifests = prepare_subsets(task, data_root, progress)
+    return open_subsets(task, prepare_subsets(task, data_root, progress))
+
+
+def open_subsets(task: TaskDefinition, manifests: list[DatasetManifest]) -> TrainingData:
+    """The prepared subsets (``manifests``, in the task's order) as one collection."""
     return TrainingData(
-        [open_dataset(m.address) for m in manifests],
+        [open_shards(m.address, a) if a.shards else open_dataset(m.address)
+         for m, a in zip(manifests, task.subsets, strict=True)],
         [SubsetSettings.of(args, task.train_args) for args in task.subsets],
     )
 

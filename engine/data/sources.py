@@ -1,10 +1,11 @@
 """Where a dataset's rows come from: an image folder, tabular files, an archive, the Hub.
 
-Sources come in many shapes (an image folder with ``metadata.jsonl``, parquet/csv/json/
-arrow files, an archive behind a URL, a Hub dataset), may be untrusted, and may be slow or
-gone later. :func:`load_source` loads one with ``datasets`` into a :class:`Source`, and
-:func:`image_bytes` gives the bytes behind one row's image, reading image paths found in
-the data only from inside the source's own folders.
+Sources come in many shapes (an image folder with ``metadata.jsonl``, an image folder
+with same-named caption files (:mod:`engine.data.caption_files`), parquet/csv/json/arrow
+files, a ``datasets`` save_to_disk folder, an archive behind a URL, a Hub dataset), may be
+untrusted, and may be slow or gone later. :func:`load_source` loads one with ``datasets``
+into a :class:`Source`, and :func:`image_bytes` gives the bytes behind one row's image,
+reading image paths found in the data only from inside the source's own folders.
 
 Everything lands in a scratch folder (downloads, extracted archives, ``datasets``' arrow
 cache, Hub files), never in ``~/.cache``; the caller removes it.
@@ -15,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.data import archive_extract, archive_fetch
 from engine.data.archive_members import detect_format
+from engine.data.caption_files import is_caption_folder, load_caption_folder
 from engine.data.errors import ArchiveError, DatasetError
 from engine.data.identity import DEMO_DATASET_NAME
 from engine.data.images import MAX_IMAGE_BYTES, ImageRejected
@@ -44,11 +46,25 @@ class Source:
 
     ``roots``: folders a path must stay inside. ``search``: folders a relative path is
     tried against (the source folder, then the folders of its data files).
+    ``rejected``: rows known bad before any image work (row -> reason; a caption folder's
+    image without its caption file). ``extras``: row -> fields its prepared record gets
+    besides the usual ones (a kohya folder's ``repeats``). ``report``: what the manifest
+    records about the source beyond its rows (a caption folder's empty caption files).
+    ``rows``: the source row each dataset row is (None: the same; set once filters left
+    rows out), so a skipped image is reported by its row in the source.
     """
 
     dataset: Any  # datasets.Dataset
     roots: list[Path]
     search: list[Path]
+    rejected: dict[int, str] = field(default_factory=dict)
+    extras: dict[int, dict[str, Any]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    rows: list[int] | None = None
+
+    def source_row(self, index: int) -> int:
+        """The row of the source split that dataset row ``index`` is."""
+        return index if self.rows is None else self.rows[index]
 
 
 def load_source(args: DatasetArgs, work: Path, *, progress: bool) -> Source:
@@ -61,26 +77,31 @@ def load_source(args: DatasetArgs, work: Path, *, progress: bool) -> Source:
         except ArchiveError as err:
             raise DatasetError(f"dataset archive refused: {err}") from err
         downloaded.unlink()  # free the disk: only the extracted files are used
-        return _load_local(archive_extract.dataset_root(extracted), cache_dir)
+        return _load_local(archive_extract.dataset_root(extracted), cache_dir, args)
     name = args.name or ""
     if name == DEMO_DATASET_NAME:
         from engine.model.embedded.demo_data import build_demo_data
 
-        return _load_local(build_demo_data(work / "demo").imagefolder, cache_dir)
+        return _load_local(build_demo_data(work / "demo").imagefolder, cache_dir, args)
     local = Path(name).expanduser()
     if local.exists():
-        return _load_local(local, cache_dir)
+        return _load_local(local, cache_dir, args)
     return _load_hub(name, args.config_name, cache_dir)
 
 
 # -- local folders and files -------------------------------------------------------------
 
 
-def _load_local(path: Path, cache_dir: Path) -> Source:
-    """Load a local folder (image folder, or tabular files) or a single tabular file."""
+def _load_local(path: Path, cache_dir: Path, args: DatasetArgs) -> Source:
+    """Load a local folder (image folder, caption folder, save_to_disk folder, or tabular
+    files) or a single tabular file."""
     import datasets
 
     path = path.resolve()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _load_saved(path)
+    if path.is_dir() and is_caption_folder(path, args.caption_extension):
+        return _load_caption_folder(path, args)
     if path.is_file():
         module, kwargs = _tabular_module(path)
         files, split, root = [str(path)], "train", path.parent
@@ -97,6 +118,90 @@ def _load_local(path: Path, cache_dir: Path) -> Source:
         cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
         raise DatasetError(f"could not load {path} as {module}: {err}{cause}") from err
     return Source(dataset, [root], search)
+
+
+def _load_caption_folder(folder: Path, args: DatasetArgs) -> Source:
+    """An image folder with same-named caption files, as rows named as the task says."""
+    import datasets
+
+    rows = load_caption_folder(folder, args.caption_extension)
+    features = datasets.Features({
+        args.image_column: datasets.Image(decode=False),
+        args.caption_column: datasets.Sequence(datasets.Value("string")),
+    })
+    dataset = datasets.Dataset.from_dict(
+        {
+            args.image_column: [{"bytes": None, "path": p} for p in rows.images],
+            args.caption_column: rows.captions,
+        },
+        features=features,
+    )
+    return Source(
+        dataset,
+        [folder],
+        [folder],
+        rejected=rows.rejected,
+        extras={row: {"repeats": n} for row, n in rows.repeats.items()},
+        report={"caption_files": rows.report},
+    )
+
+
+# -- datasets' save_to_disk folders ------------------------------------------------------
+
+_SAVED_FILES = ("dataset_info.json", "state.json")
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A ``Dataset.save_to_disk`` folder, or a ``DatasetDict``'s (``dataset_dict.json``)."""
+    return all((folder / n).is_file() for n in _SAVED_FILES) or (
+        folder / "dataset_dict.json"
+    ).is_file()
+
+
+def _load_saved(folder: Path) -> Source:
+    """Load a save_to_disk folder in place: its arrow files, memory-mapped, nothing else.
+
+    ``datasets`` reads the two json files and the arrow files that ``state.json`` lists
+    (no pickle); each listed file is checked to lie inside the folder first. A
+    ``DatasetDict`` folder gives its train split (or its only one).
+    """
+    import json
+
+    import datasets
+
+    where = folder
+    if not all((folder / n).is_file() for n in _SAVED_FILES):
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"{folder}/dataset_dict.json is not readable: {err}") from None
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise DatasetError(f"{folder}/dataset_dict.json: 'splits' is not a list of names")
+        split = _pick_split(splits, where=str(folder))
+        where = _inside_folder(folder, split, folder)
+        if not all((where / n).is_file() for n in _SAVED_FILES):
+            raise DatasetError(f"{where}: split {split!r} has no {' and '.join(_SAVED_FILES)}")
+    try:
+        state = json.loads((where / "state.json").read_text())
+        names = [str(f["filename"]) for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(f"{where}/state.json is not a datasets state file: {err}") from None
+    for name in names:
+        if not _inside_folder(where, name, folder).is_file():
+            raise DatasetError(f"{where}/state.json lists {name!r}, which is not in the folder")
+    try:
+        dataset = datasets.load_from_disk(str(where), keep_in_memory=False)
+    except (ValueError, TypeError, OSError, KeyError) as err:
+        raise DatasetError(f"could not load {where} as a save_to_disk folder: {err}") from err
+    return Source(dataset, [folder], [where, folder])
+
+
+def _inside_folder(base: Path, name: str, root: Path) -> Path:
+    """``base / name``, refused when it leads outside ``root`` (links resolved)."""
+    path = (base / name).resolve()
+    if root != path and root not in path.parents:
+        raise DatasetError(f"{base}: {name!r} leads outside the dataset folder")
+    return path
 
 
 def _tabular_module(path: Path) -> tuple[str, dict[str, Any]]:

@@ -5,11 +5,13 @@ draws them from its own seeded generators and passes them in. So the same inputs
 give the same pixels, a resumed run repeats the exact same crops, and a cached latent
 can be matched to the decision it was computed for.
 
-Pipeline, as in the diffusers text-to-image LoRA script: resize so the shorter side
-equals the resolution (aspect kept), crop a square of ``resolution`` (center or at a
-drawn position), optionally mirror, scale to [-1, 1]. The resize uses PIL's BILINEAR
-filter, which antialiases when downscaling (what torchvision's ``Resize`` does on PIL
-images, so results match the reference script).
+Pipeline, as in the diffusers text-to-image LoRA script: resize so the image covers the
+target (aspect kept; for the square ``resolution`` x ``resolution`` the shorter side
+becomes the resolution), crop the target (center or at a drawn position), optionally
+mirror, scale to [-1, 1]. The target is a square or an aspect-ratio bucket
+(:class:`engine.data.buckets.Bucket`); a square bucket gives exactly the square's pixels.
+The resize uses PIL's BILINEAR filter, which antialiases when downscaling (what
+torchvision's ``Resize`` does on PIL images, so results match the reference script).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+from engine.data.buckets import Bucket, cover_size
 
 RESIZE_FILTER = Image.Resampling.BILINEAR
 _TRANSPARENT_BACKGROUND = (255, 255, 255, 255)
@@ -30,14 +34,31 @@ class CropPlan:
     """Where one image is cropped: everything needed to redo the crop exactly.
 
     Sizes are (height, width), the order SDXL's ``add_time_ids`` uses for
-    ``original_size`` and ``crops_coords_top_left`` (= ``(top, left)``).
+    ``original_size`` and ``crops_coords_top_left`` (= ``(top, left)``). The crop is
+    ``bucket`` (width x height); give either ``bucket`` or, for a square, ``resolution``:
+    the other is filled in (``resolution`` stays None for a bucket that is not square).
     """
 
     original_size: tuple[int, int]  # (height, width) before resize
     resized_size: tuple[int, int]  # (height, width) after resize
     top: int
     left: int
-    resolution: int
+    resolution: int | None = None
+    bucket: Bucket | None = None
+
+    def __post_init__(self) -> None:
+        if self.bucket is None:
+            if self.resolution is None:
+                raise ValueError("a crop plan needs a bucket or a resolution")
+            object.__setattr__(self, "bucket", Bucket(self.resolution, self.resolution))
+        elif self.resolution is None and self.bucket.width == self.bucket.height:
+            object.__setattr__(self, "resolution", self.bucket.width)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """(height, width) of the crop: the bucket's."""
+        assert self.bucket is not None  # set in __post_init__
+        return self.bucket.height, self.bucket.width
 
 
 def resized_size(size_wh: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -56,20 +77,24 @@ def resized_size(size_wh: tuple[int, int], resolution: int) -> tuple[int, int]:
 
 def plan_crop(
     size_wh: tuple[int, int],
-    resolution: int,
+    target: int | Bucket,
     *,
     center: bool,
     generator: torch.Generator | None,
 ) -> CropPlan:
-    """Decide the crop of an image of ``size_wh`` = (width, height).
+    """Decide the crop of an image of ``size_wh`` = (width, height) to ``target`` (a
+    bucket, or an int for the square of that side).
 
     Center crop: the offset is ``(extra) // 2`` on each axis and nothing is drawn.
     Random crop: exactly two ``torch.randint`` draws, top then left, each over
     ``[0, extra]`` (also when ``extra`` is 0), so the trainer's generator advances by the
-    same amount whatever the image size.
+    same amount whatever the image size or bucket.
     """
-    new_h, new_w = resized_size(size_wh, resolution)
-    extra_h, extra_w = new_h - resolution, new_w - resolution
+    bucket = target if isinstance(target, Bucket) else Bucket(target, target)
+    if bucket.width <= 0 or bucket.height <= 0:
+        raise ValueError(f"bad crop target {bucket}")
+    new_h, new_w = cover_size(size_wh, bucket)
+    extra_h, extra_w = new_h - bucket.height, new_w - bucket.width
     if center:
         top, left = extra_h // 2, extra_w // 2
     else:
@@ -80,12 +105,12 @@ def plan_crop(
         resized_size=(new_h, new_w),
         top=top,
         left=left,
-        resolution=resolution,
+        bucket=bucket,
     )
 
 
 def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tensor:
-    """The cropped image as a float32 tensor [3, resolution, resolution] in [-1, 1].
+    """The cropped image as a float32 tensor [3, bucket height, bucket width] in [-1, 1].
 
     ``image`` must have the size the plan was made for. Any PIL mode is accepted
     (converted with :func:`to_rgb`).
@@ -99,8 +124,8 @@ def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tenso
     new_h, new_w = plan.resized_size
     if (new_w, new_h) != rgb.size:
         rgb = rgb.resize((new_w, new_h), resample=RESIZE_FILTER)
-    res = plan.resolution
-    cropped = rgb.crop((plan.left, plan.top, plan.left + res, plan.top + res))
+    crop_h, crop_w = plan.crop_size
+    cropped = rgb.crop((plan.left, plan.top, plan.left + crop_w, plan.top + crop_h))
     if flip:
         cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = np.asarray(cropped, dtype=np.uint8)  # [H, W, 3]

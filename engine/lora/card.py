@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.lora.metadata import LoraFacts, public_name
+from engine.lora.metadata import LoraFacts, is_bucketed, public_name
 from engine.lora.weights import LORA_FILE
 
 CAPTION_SAMPLE = 5
@@ -71,6 +71,7 @@ def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -
         _which_file(files),
         _captions(captions),
         _settings(facts),
+        _data(facts),
         _validation(files),
         _base_vs_lora(files),
         _files(files),
@@ -170,6 +171,32 @@ def _settings(facts: LoraFacts) -> str:
     ]
     lines = ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join([*lines, ""])
+
+
+def _data(facts: LoraFacts) -> str:
+    """What an epoch trained: each subset by public name, and the buckets when on."""
+    epoch = facts.epoch
+    if epoch is None:
+        return ""
+    lines = [
+        "## Training data",
+        "",
+        f"{epoch.images} images, {epoch.images_per_epoch} uses per epoch "
+        f"(images x repeats) in {epoch.batches_per_epoch} batches.",
+        "",
+        "| subset | images | repeats | uses per epoch |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| `{s.name}` | {s.images} | {s.repeats} | {s.uses} |" for s in epoch.subsets]
+    if is_bucketed(facts.task):
+        lines += ["", "| bucket | images | uses per epoch | batches |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {b.bucket} | {b.images} | {b.uses} | {b.batches} |"
+                  for b in epoch.buckets]
+    if epoch.skipped:
+        lines += ["", f"{epoch.skipped} file(s) were skipped while preparing the data "
+                      "(see `run_summary.json`)."]
     return "\n".join([*lines, ""])
 
 

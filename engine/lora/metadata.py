@@ -25,11 +25,12 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save
 
+from engine.data.epoch_summary import EpochSummary
 from engine.model.family import Family
 from engine.store.redact import public_url
 from engine.store.safetensors_io import read_metadata as read_metadata  # re-export for callers
 from engine.store.safetensors_io import tensor_data_hash, with_metadata
-from engine.task.definition import TaskDefinition
+from engine.task.definition import DatasetArgs, TaskDefinition
 
 FileFormat = Literal["diffusers", "kohya"]
 
@@ -53,6 +54,8 @@ class LoraFacts:
     dataset_hash: str
     started_at: str | float | None = None  # ISO-8601 text or unix seconds
     finished_at: str | float | None = None
+    #: What an epoch trained (subsets, buckets, uses): kohya's dataset keys, when known.
+    epoch: EpochSummary | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -89,13 +92,34 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
     local path would leak the machine's layout.
     """
     data = task.stable_dump(mode="json")
-    for section, key in (("model", "name"), ("model", "vae"), ("dataset", "url"),
-                         ("dataset", "name")):
-        if data[section].get(key):
-            data[section][key] = public_name(data[section][key])
+    for key in ("name", "vae"):
+        if data["model"].get(key):
+            data["model"][key] = public_name(data["model"][key])
+    if data.get("dataset") is None:  # several subsets: a task document names only those
+        data.pop("dataset", None)
+    for subset in [data["dataset"]] if "dataset" in data else data["datasets"]:
+        for key in ("url", "name"):
+            if subset.get(key):
+                subset[key] = public_name(subset[key])
+        if subset.get("shards"):
+            subset["shards"] = [public_name(shard) for shard in subset["shards"]]
     if data.get("checkpoint"):
         data["checkpoint"] = public_name(data["checkpoint"])
     return data
+
+
+def subset_name(args: DatasetArgs) -> str:
+    """How published files and summaries name one subset: its source's public name
+    (the first shard pattern, with how many more, for a shard set)."""
+    if args.shards:
+        more = f" (+{len(args.shards) - 1} more)" if len(args.shards) > 1 else ""
+        return public_name(args.shards[0]) + more
+    return public_name(args.name or args.url or "")
+
+
+def subset_names(task: TaskDefinition) -> list[str]:
+    """:func:`subset_name` of each subset, in order."""
+    return [subset_name(args) for args in task.subsets]
 
 
 def task_json(task: TaskDefinition) -> str:
@@ -130,11 +154,45 @@ def kohya_metadata(facts: LoraFacts) -> dict[str, str]:
     }
     if train.snr_gamma is not None:
         meta["ss_min_snr_gamma"] = _number(train.snr_gamma)
+    if facts.epoch is not None:
+        meta.update(kohya_dataset_metadata(facts.epoch, bucketed=is_bucketed(task)))
     if facts.started_at is not None:
         meta["ss_training_started_at"] = _unix_seconds(facts.started_at)
     if facts.finished_at is not None:
         meta["ss_training_finished_at"] = _unix_seconds(facts.finished_at)
     return meta
+
+
+def kohya_dataset_metadata(epoch: EpochSummary, *, bucketed: bool) -> dict[str, str]:
+    """kohya's keys for what was trained on: each subset (by public name) with its
+    repeats and images, the uses per epoch, and the buckets when bucketing was on."""
+    dirs = {s.name: {"n_repeats": s.repeats, "img_count": s.images} for s in epoch.subsets}
+    meta = {
+        "ss_dataset_dirs": json.dumps(dirs, sort_keys=True),
+        "ss_num_train_images": str(epoch.images_per_epoch),
+        "ss_enable_bucket": str(bucketed),
+    }
+    if bucketed:
+        buckets = {
+            str(i): {"resolution": [int(n) for n in b.bucket.split("x")], "count": b.uses}
+            for i, b in enumerate(epoch.buckets)
+        }
+        meta["ss_bucket_info"] = json.dumps({"buckets": buckets}, sort_keys=True)
+    return meta
+
+
+def is_bucketed(task: TaskDefinition) -> bool:
+    """Whether the task turns aspect-ratio buckets on (for all or some subsets)."""
+    return task.train_args.buckets is not None or any(s.buckets is not None
+                                                      for s in task.subsets)
+
+
+def epoch_of(run_summary: Mapping[str, Any]) -> EpochSummary | None:
+    """The epoch summary a run summary carries (``dataset.epoch``), if any."""
+    from pydantic import TypeAdapter
+
+    found = (run_summary.get("dataset") or {}).get("epoch")
+    return None if found is None else TypeAdapter(EpochSummary).validate_python(found)
 
 
 def modelspec_metadata(facts: LoraFacts, file_format: FileFormat) -> dict[str, str]:

@@ -29,6 +29,7 @@ from engine.lora.card import CardFiles, render_model_card
 from engine.lora.formats import alphas_from_adapter_metadata, diffusers_to_kohya
 from engine.lora.metadata import (
     LoraFacts,
+    epoch_of,
     lora_metadata,
     public_name,
     public_task_dict,
@@ -90,6 +91,7 @@ def publish_lora(
         dataset_hash=dataset_hash,
         started_at=run_summary.get("started_at"),
         finished_at=run_summary.get("finished_at"),
+        epoch=epoch_of(run_summary),
     )
     lora_dir = storage.join(output_url, LORA_DIR)
     weights = _weight_files(source, facts, kohya_file_name(task, run_summary))

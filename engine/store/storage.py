@@ -60,6 +60,7 @@ __all__ = [
     "list_dirs",
     "list_files",
     "read_bytes",
+    "read_range",
     "read_stream",
     "redact",
     "set_default_retry_policy",
@@ -451,6 +452,16 @@ def read_bytes(url: str, *, retry: RetryPolicy | None = None, limit: int | None 
             return handle.read(limit)
 
     return _with_retries("read", url, head, retry)
+
+
+def read_range(url: str, start: int, length: int, *, retry: RetryPolicy | None = None) -> bytes:
+    """``length`` bytes of the file at ``url`` from offset ``start`` (one ranged GET on S3),
+    for one member of a file too big to fetch (a webdataset shard). Fewer bytes come back
+    where the file ends sooner: the caller checks. A missing file raises
+    ``FileNotFoundError``."""
+    fs, path = filesystem(url)
+    end = start + length
+    return _with_retries("read", url, lambda: fs.cat_file(path, start=start, end=end), retry)
 
 
 def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:

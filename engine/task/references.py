@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from engine.data.caption_files import is_caption_folder
 from engine.data.errors import DatasetError
 from engine.model import hub
 from engine.model.embedded.registry import EMBEDDED_MODELS, is_embedded
@@ -50,9 +51,17 @@ def check_references(task: TaskDefinition, *, prepared_in: str | None = None,
 def reference_problems(task: TaskDefinition, *, prepared_in: str | None = None) -> list[Problem]:
     """Every problem with the task's model and dataset references; [] when all can be had."""
     problems = _model_problems(task)
-    if not (prepared_in and _is_prepared(task.dataset, prepared_in)):
-        problems += _dataset_problems(task.dataset)
+    for where, args in subset_pointers(task):
+        if not (prepared_in and _is_prepared(args, task, prepared_in)):
+            problems += _dataset_problems(args, where)
     return problems
+
+
+def subset_pointers(task: TaskDefinition) -> list[tuple[str, DatasetArgs]]:
+    """(JSON pointer, arguments) of each subset: ``/dataset``, or ``/datasets/<i>``."""
+    if task.datasets is None:
+        return [("/dataset", task.subsets[0])]
+    return [(f"/datasets/{i}", args) for i, args in enumerate(task.datasets)]
 
 
 # -- the model -----------------------------------------------------------------------------
@@ -120,19 +129,25 @@ def _vae_reason(name: str) -> str | None:
 # -- the dataset ---------------------------------------------------------------------------
 
 
-def _is_prepared(args: DatasetArgs, root: str) -> bool:
-    """True when a committed, intact copy of this source is prepared under ``root``."""
+def _is_prepared(args: DatasetArgs, task: TaskDefinition, root: str) -> bool:
+    """True when a committed, intact copy of this source (with the subset's buckets, when
+    bucketing is on) is prepared under ``root``."""
     from engine.data.identity import default_dataset_address
     from engine.data.layout import read_committed
-    from engine.data.prepared import resolved_dataset_args
+    from engine.data.prepared import resolved_dataset_args, subset_buckets
 
-    return read_committed(default_dataset_address(resolved_dataset_args(args), root)) is not None
+    address = default_dataset_address(resolved_dataset_args(args), root,
+                                      subset_buckets(args, task))
+    return read_committed(address) is not None
 
 
-def _dataset_problems(args: DatasetArgs) -> list[Problem]:
+def _dataset_problems(args: DatasetArgs, where: str = "/dataset") -> list[Problem]:
+    if args.shards:
+        return [Problem(f"{where}/shards/{i}", reason)
+                for i, reason in enumerate(map(_shard_reason, args.shards)) if reason]
     if args.url:
         reason = _archive_reason(args.url)
-        return [Problem("/dataset/url", reason)] if reason else []
+        return [Problem(f"{where}/url", reason)] if reason else []
     name = args.name or ""
     if is_embedded(name):
         from engine.model.embedded.registry import resolve_dataset
@@ -142,18 +157,29 @@ def _dataset_problems(args: DatasetArgs) -> list[Problem]:
         local = Path(name).expanduser()
     if not local.exists():
         reason = hub.dataset_unavailable(name)
-        return [Problem("/dataset/name", f"dataset {name!r} {reason}")] if reason else []
+        return [Problem(f"{where}/name", f"dataset {name!r} {reason}")] if reason else []
+    if local.is_dir() and is_caption_folder(local, args.caption_extension):
+        return []  # images + caption files: its columns are named as the task names them
     try:
         columns = local_columns(local)
     except DatasetError as exc:
-        return [Problem("/dataset/name", str(exc))]
+        return [Problem(f"{where}/name", str(exc))]
+    section = where.lstrip("/").replace("/", ".")
     return [
-        Problem(f"/dataset/{role}", f"dataset.{role} {column!r} is not a column of the "
-                                    f"dataset; its columns are: {', '.join(columns)}")
+        Problem(f"{where}/{role}", f"{section}.{role} {column!r} is not a column of the "
+                                   f"dataset; its columns are: {', '.join(columns)}")
         for role, column in (("image_column", args.image_column),
                              ("caption_column", args.caption_column))
         if column not in columns
     ]
+
+
+def _shard_reason(shard: str) -> str | None:
+    """A local shard without a brace pattern must exist; patterns and URLs are left to
+    the run, which lists them."""
+    if "{" in shard or ("://" in shard and not shard.startswith("file://")):
+        return None
+    return _archive_reason(shard) and f"no such shard file: {shard}"
 
 
 def _archive_reason(url: str) -> str | None:

@@ -7,16 +7,25 @@ committed as checkpoints with a made-up ``global_step``; they are refused as ano
 and rebuilt once, into the same bytes. The fingerprint covers everything
 that changes its content: model (name, revision, variant, component configs), precision,
 resolution, crop and flip mode, and the prepared dataset's content hash. So a later
-segment, or a later run on the same data and model, finds it and encodes nothing.
+segment, or a later run on the same data and model, finds it and encodes nothing. When a
+subset sets its own resolution, buckets or caption rules (or train_args.buckets is
+set), each subset's resolution, bucket list and caption rules are in it too; a task
+that uses none of these keeps the fingerprint (and the bytes) it always had.
 
 What is cached:
-- text: each distinct caption's conditioning (both encoders and the pooled embedding for
-  SDXL), exactly as the trainer would compute it.
-- latents: the VAE posterior (mean, std) of each image, for both orientations when
-  random_flip is on. Only with center crop: a random crop differs every epoch, so with
-  random crop the latents are encoded live each step (the text stays cached). The
-  posterior sample itself is drawn at training time from the sample's own generator,
-  so training from the cache gives the same bits as encoding every step.
+- text: the conditioning (both encoders and the pooled embedding for SDXL) of every
+  caption a sample can train with, each once, exactly as the trainer would compute it:
+  every variant of every example's captions under its subset's caption rules
+  (:func:`engine.train.caption_rules.caption_variants`: prefix and suffix applied, and
+  the empty caption when there is dropout). When any subset shuffles tags the text is
+  NOT cached (the orders are too many to list): captions are encoded live each step,
+  and a log line says so. Latents are still cached.
+- latents: the VAE posterior (mean, std) of each image at its bucket's size (center
+  crop), for both orientations when random_flip is on. Only with center crop: a random
+  crop differs every epoch, so with random crop the latents are encoded live each step
+  (the text stays cached). The posterior sample itself is drawn at training time from
+  the sample's own generator, so training from the cache gives the same bits as
+  encoding every step.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 
+from engine.data.buckets import Bucket
+from engine.data.training_data import SubsetSettings
 from engine.data.transforms import apply_crop, plan_crop
 from engine.store import storage
 from engine.store.commit import (
@@ -40,8 +51,10 @@ from engine.store.commit import (
     read_folder,
 )
 from engine.store.safetensors_io import dump
-from engine.task.definition import TaskDefinition
-from engine.train.samples import encode_caption, encode_image
+from engine.task.definition import CaptionArgs, TaskDefinition
+from engine.train.bucket_sides import check_bucket_sides
+from engine.train.caption_rules import caption_variants
+from engine.train.samples import encode_caption, encode_image, training_data
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +65,42 @@ CACHE = FolderKind(CACHE_FORMAT, "cache", {"fingerprint": str})
 
 def caches_latents(task: TaskDefinition) -> bool:
     """Latents can be cached only when the crop is the same every epoch."""
-    return task.train_args.cache == "auto" and task.transforms.center_crop
+    return task.train_args.cache == "auto" and task.transforms.center_crop and not streams(task)
 
 
 def caches_text(task: TaskDefinition) -> bool:
-    """Caption embeddings are fixed only while the text encoders are frozen."""
-    return task.train_args.cache == "auto" and task.lora.text_encoder is None
+    """Caption embeddings are fixed only while the text encoders are frozen, and listable
+    only while no subset shuffles tags."""
+    return (task.train_args.cache == "auto" and task.lora.text_encoder is None
+            and not shuffles_tags(task) and not streams(task))
+
+
+def streams(task: TaskDefinition) -> bool:
+    """A subset of webdataset shards is streamed, never cached whole (it may not fit)."""
+    return any(s.shards for s in task.subsets)
+
+
+def shuffles_tags(task: TaskDefinition) -> bool:
+    return any(s.captions.shuffle_tags for s in task.subsets)
+
+
+def _subset_keys(task: TaskDefinition) -> list[dict[str, Any]] | None:
+    """Each subset's resolution, buckets and caption rules; None when every subset trains
+    as before they existed (one square of train_args.resolution, default captions), so
+    such a task keeps its fingerprint."""
+    ta = task.train_args
+    settings = [SubsetSettings.of(args, ta) for args in task.subsets]
+    square = (Bucket(ta.resolution, ta.resolution),)
+    if ta.buckets is None and all(
+        s.resolution == ta.resolution and s.buckets == square and s.captions == CaptionArgs()
+        for s in settings
+    ):
+        return None
+    return [
+        {"resolution": s.resolution, "buckets": [list(b) for b in s.buckets],
+         "captions": s.captions.model_dump(mode="json")}
+        for s in settings
+    ]
 
 
 def cache_fingerprint(task: TaskDefinition, model_identity: str, dataset_hash: str) -> str:
@@ -75,6 +118,9 @@ def cache_fingerprint(task: TaskDefinition, model_identity: str, dataset_hash: s
         "random_flip": task.transforms.random_flip,
         "dataset": dataset_hash,
     }
+    subsets = _subset_keys(task)
+    if subsets is not None:
+        key["subsets"] = subsets
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -98,7 +144,11 @@ class Cache:
 
     def text(self, caption: str) -> dict[str, torch.Tensor]:
         prefix = caption_key(caption) + "."
-        return {k[len(prefix) :]: v for k, v in self.texts.items() if k.startswith(prefix)}
+        found = {k[len(prefix) :]: v for k, v in self.texts.items() if k.startswith(prefix)}
+        if not found:
+            raise KeyError(f"caption {caption[:60]!r} is not in the cache at {self.address}; "
+                           "the cache holds every caption variant, so this is a bug")
+        return found
 
 
 def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -108,24 +158,28 @@ def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 def build_cache_files(
     task: TaskDefinition, base: Any, dataset: Any, progress: Any = None
 ) -> dict[str, bytes]:
-    """Encode every image (each orientation used) and every distinct caption."""
+    """Encode every image at its bucket (each orientation used) and every caption variant."""
+    data = training_data(task, dataset)
     files: dict[str, bytes] = {}
     if caches_latents(task):
         flips = (False, True) if task.transforms.random_flip else (False,)
         latents: dict[str, torch.Tensor] = {}
-        for i in range(len(dataset)):
-            size = task.train_args.resolution
-            crop = plan_crop(dataset.size(i), size, center=True, generator=None)
-            image = dataset.image(i)
+        for i in range(len(data)):
+            crop = plan_crop(data.size(i), data.bucket(i), center=True, generator=None)
+            image = data.image(i)
             for flip in flips:
                 mean, std = encode_image(base.vae, apply_crop(image, crop, flip=flip))
                 latents[f"{i}.{int(flip)}.mean"], latents[f"{i}.{int(flip)}.std"] = mean, std
             if progress:
-                progress(i + 1, len(dataset))
+                progress(i + 1, len(data))
         files["latents.safetensors"] = _tensors_bytes(latents)
     if caches_text(task):
         texts: dict[str, torch.Tensor] = {}
-        captions = {c for i in range(len(dataset)) for c in (dataset.captions(i) or [""])}
+        captions: set[str] = set()
+        for i in range(len(data)):
+            variants = caption_variants(data.captions(i), data.subset_settings(i).captions)
+            assert variants is not None, "caches_text is False when tags are shuffled"
+            captions.update(variants)
         for caption in sorted(captions):
             for name, tensor in encode_caption(base, caption).items():
                 texts[f"{caption_key(caption)}.{name}"] = tensor
@@ -158,7 +212,14 @@ def ensure_cache(
     task: TaskDefinition, base: Any, dataset: Any, root: str, model_identity: str,
     progress: Any = None,
 ) -> Cache | None:
-    """Find the committed cache for this task and data, or build and commit it."""
+    """Find the committed cache for this task and data, or build and commit it.
+
+    Buckets the model cannot train at are refused first, before anything is encoded.
+    """
+    check_bucket_sides(training_data(task, dataset), base, task.model.name)
+    if shuffles_tags(task) and task.train_args.cache == "auto":
+        log.info("a subset shuffles caption tags: captions are encoded live every step, "
+                 "not cached")
     if not (caches_latents(task) or caches_text(task)):
         return None
     fingerprint = cache_fingerprint(task, model_identity, dataset.content_hash)

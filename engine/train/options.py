@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class StopReason(str, Enum):
@@ -83,6 +84,10 @@ class SegmentResult:
     metrics: str | None
     cache: str | None = None
     skipped_images: list[dict] = field(default_factory=list)  # dataset files not used, why
+    #: what one epoch holds (engine.data.epoch_summary.EpochSummary as a dict): images,
+    #: uses and micro-batches per epoch, each bucket and subset, skipped files; None
+    #: when the segment returned before opening the data (already committed)
+    data: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

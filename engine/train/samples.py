@@ -1,11 +1,18 @@
 """What one training sample becomes before the UNet sees it.
 
-For each use of an example (epoch, index) the random decisions are drawn from that
-sample's own generators: which caption, where to crop, whether to flip, the VAE
-posterior sample, the noise and the timestep. The image and caption are then encoded
+For each use of an example (epoch, index, draw) the random decisions are drawn from that
+sample's own generators: which caption (under its subset's caption rules), where to
+crop its bucket, whether to flip, the VAE posterior sample, the noise (at the bucket's
+latent shape) and the timestep. The image and caption are then encoded
 either live (VAE + text encoder, one sample at a time) or looked up in the cache, which
 was filled by the very same per-sample encoding functions: so both paths give the same
 bits.
+
+The dataset is an :class:`engine.data.training_data.TrainingData`: each example's bucket,
+resolution, caption rules and loss weight are its subset's. A micro-batch holds one
+bucket (the plan groups samples so); SDXL's time ids of each sample are its image's true
+(height, width), its crop's (top, left) as the model sees it, and the bucket's
+(height, width).
 """
 
 from __future__ import annotations
@@ -15,10 +22,14 @@ from typing import Any
 
 import torch
 
+from engine.data.buckets import Bucket
+from engine.data.training_data import SubsetSettings, TrainingData
 from engine.data.transforms import CropPlan, apply_crop, plan_crop
 from engine.model.family import encode_captions, sdxl_time_ids
 from engine.model.precision import autocast
-from engine.task.definition import TaskDefinition
+from engine.task.definition import CaptionArgs, TaskDefinition
+from engine.train.bucket_sides import check_bucket_sides, vae_factor
+from engine.train.caption_rules import caption_for
 from engine.train.plan import SampleRef
 from engine.train.seeding import generator
 
@@ -53,24 +64,25 @@ class SampleDecisions:
 
 
 def decide(captions: list[str], image_size: tuple[int, int], ref: SampleRef,
-           settings: SampleSettings) -> SampleDecisions:
-    """The random choices for one use of one example (independent of batch and segment)."""
+           settings: SampleSettings, bucket: Bucket | None = None,
+           rules: CaptionArgs | None = None) -> SampleDecisions:
+    """The random choices for one use of one example (independent of batch and segment).
+
+    ``bucket`` is the crop's size (default: the square of ``settings.resolution``),
+    ``rules`` the subset's caption rules (default: none, one caption picked).
+    """
     seed = settings.seed
-    captions = captions or [""]
-    pick = 0
-    if len(captions) > 1:
-        g = generator(seed, "caption", ref.epoch, ref.key)
-        pick = int(torch.randint(len(captions), (1,), generator=g))
+    caption = caption_for(captions, rules or CaptionArgs(), seed, ref.epoch, ref.key)
     crop = plan_crop(
         image_size,
-        settings.resolution,
+        bucket or settings.resolution,
         center=settings.center_crop,
         generator=generator(seed, "crop", ref.epoch, ref.key),
     )
     flip = False
     if settings.random_flip:
         flip = bool(torch.rand(1, generator=generator(seed, "flip", ref.epoch, ref.key)) < 0.5)
-    return SampleDecisions(captions[pick], crop, flip)
+    return SampleDecisions(caption, crop, flip)
 
 
 def crop_top_left(decision: SampleDecisions) -> tuple[int, int]:
@@ -78,8 +90,16 @@ def crop_top_left(decision: SampleDecisions) -> tuple[int, int]:
     plan = decision.crop
     left = plan.left
     if decision.flip:
-        left = plan.resized_size[1] - plan.left - plan.resolution
+        left = plan.resized_size[1] - plan.left - plan.crop_size[1]
     return (plan.top, left)
+
+
+def training_data(task: TaskDefinition, dataset: Any) -> TrainingData:
+    """``dataset`` as a TrainingData: as is, or (a single prepared or synthetic dataset,
+    as the bench passes) wrapped as the task's one subset."""
+    if isinstance(dataset, TrainingData):
+        return dataset
+    return TrainingData([dataset], [SubsetSettings.of(task.subsets[0], task.train_args)])
 
 
 # -- encoders (shared by live training and the cache) ----------------------------------
@@ -113,6 +133,8 @@ class Batch:
     timesteps: torch.Tensor
     conditioning: dict[str, torch.Tensor]
     time_ids: torch.Tensor | None
+    #: each sample's subset loss_weight; None when every subset's is 1.0 (old tasks)
+    sample_weights: torch.Tensor | None = None
 
 
 def draw_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, ref: SampleRef) -> torch.Tensor:
@@ -151,28 +173,42 @@ class SampleSource:
 
     :meth:`prepare` is what a data-loader worker runs (decisions, crops, cache lookups,
     noise); :meth:`batch` runs in the main process, encodes whatever the cache did not
-    have on the training device, and stacks the batch.
+    have on the training device, and stacks the batch. Buckets the model cannot train
+    at are refused here, before any step.
     """
 
     def __init__(self, task: TaskDefinition, dataset: Any, base: Any, cache: Any | None) -> None:
         self.settings = SampleSettings.for_task(task)
-        self.dataset, self.base, self.cache = dataset, base, cache
+        self.dataset = training_data(task, dataset)
+        self.base, self.cache = base, cache
+        check_bucket_sides(self.dataset, base, task.model.name)
         self.num_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
-        self.latent_shape = _latent_shape(base, self.settings.resolution)
+        self.channels = int(base.unet.config.in_channels)
+        self.factor = vae_factor(base)
+        weights = [s.loss_weight for s in self.dataset.settings]
+        self.weighted = any(w != 1.0 for w in weights)
+
+    def latent_shape(self, bucket: Bucket) -> torch.Size:
+        """(channels, height, width) of the latent of an image cropped to ``bucket``."""
+        return torch.Size((self.channels, bucket.height // self.factor,
+                           bucket.width // self.factor))
 
     def prepare(self, refs: list[SampleRef]) -> list[PreparedSample]:
         return [self._prepare_one(r) for r in refs]
 
     def _prepare_one(self, ref: SampleRef) -> PreparedSample:
-        s = self.settings
-        d = decide(self.dataset.captions(ref.index), self.dataset.size(ref.index), ref, s)
-        noise, t = draw_noise(self.latent_shape, s.seed, ref, self.num_timesteps, s.noise_offset)
+        s, data, i = self.settings, self.dataset, ref.index
+        bucket = data.bucket(i)
+        rules = data.subset_settings(i).captions
+        d = decide(data.captions(i), data.size(i), ref, s, bucket, rules)
+        shape = self.latent_shape(bucket)
+        noise, t = draw_noise(shape, s.seed, ref, self.num_timesteps, s.noise_offset)
         cache = self.cache
         cached = cache is not None
-        posterior = cache.latent(ref.index, d.flip) if cached and cache.has_latents else None
+        posterior = cache.latent(i, d.flip) if cached and cache.has_latents else None
         pixels = None
         if posterior is None:
-            pixels = apply_crop(self.dataset.image(ref.index), d.crop, flip=d.flip)
+            pixels = apply_crop(data.image(i), d.crop, flip=d.flip)
         cond = cache.text(d.caption) if cached and cache.has_text else None
         if s.trains_text:
             cond = None  # encoded with gradients in the main process
@@ -180,6 +216,7 @@ class SampleSource:
 
     def batch(self, samples: list[PreparedSample]) -> Batch:
         base, seed, trains_text = self.base, self.settings.seed, self.settings.trains_text
+        bucket = _one_bucket(samples)
         latents, conds = [], []
         for s in samples:
             mean, std = s.posterior if s.posterior is not None else encode_image(base.vae, s.pixels)
@@ -189,11 +226,10 @@ class SampleSource:
                              else encode_caption(base, s.decision.caption))
         time_ids = None
         if base.family.is_sdxl:
-            res = self.settings.resolution
             time_ids = sdxl_time_ids(
                 [s.decision.crop.original_size for s in samples],
                 [crop_top_left(s.decision) for s in samples],
-                (res, res),
+                (bucket.height, bucket.width),
             ).to(base.device)
         device = base.device
         if trains_text:  # the text-encoder LoRA learns: encode with gradients
@@ -202,16 +238,31 @@ class SampleSource:
                                                [s.decision.caption for s in samples], device)
         else:
             conditioning = {k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]}
+        weights = None
+        if self.weighted:
+            weights = torch.tensor(
+                [self.dataset.subset_settings(s.ref.index).loss_weight for s in samples],
+                dtype=torch.float32,
+            ).to(device)
         return Batch(
             latents=torch.stack(latents).to(device),
             noise=torch.stack([s.noise for s in samples]).to(device),
             timesteps=torch.cat([s.timestep for s in samples]).to(device),
             conditioning=conditioning,
             time_ids=time_ids,
+            sample_weights=weights,
         )
 
 
-def _latent_shape(base: Any, resolution: int) -> torch.Size:
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else 8
-    channels = int(base.unet.config.in_channels)
-    return torch.Size((channels, resolution // factor, resolution // factor))
+def _one_bucket(samples: list[PreparedSample]) -> Bucket:
+    """The bucket every sample of a micro-batch shares (the plan's guarantee)."""
+    buckets = {s.decision.crop.bucket for s in samples}
+    if len(buckets) != 1:
+        refs = [(s.ref.index, str(s.decision.crop.bucket)) for s in samples]
+        raise AssertionError(
+            f"a micro-batch must hold one bucket, this one mixes {len(buckets)}: "
+            f"(example, bucket) = {refs}; the training plan groups samples by bucket"
+        )
+    (bucket,) = buckets
+    assert bucket is not None
+    return bucket

@@ -16,7 +16,10 @@ import torch
 PURPOSES = frozenset(
     {
         "data_order",  # per epoch: permutation of the dataset
+        "batch_order",  # per epoch: order of the micro-batches when there are several buckets
         "caption",  # per (epoch, sample): which of several captions
+        "tag_shuffle",  # per (epoch, sample): order of a caption's tags
+        "caption_dropout",  # per (epoch, sample): whether the caption is dropped
         "crop",  # per (epoch, sample): random crop offsets
         "flip",  # per (epoch, sample): horizontal flip
         "latent",  # per (epoch, sample): sample from the VAE posterior

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
+from engine.data.epoch_summary import epoch_summary
 from engine.data.prepared import load_dataset_for_task, model_identity
+from engine.data.training_data import TrainingData
 from engine.errors import BudgetTooShortError, LoraflowError
 from engine.infer import validation
+from engine.lora.metadata import subset_names
 from engine.model.loading import load_base_model, training_device
 from engine.task.definition import TaskDefinition
 from engine.train.cache import ensure_cache
@@ -48,8 +52,8 @@ def run_segment(task: TaskDefinition, output_dir: str,
     # -- where to start: refused or returned before any model is loaded
     checkpoint_in = opts.checkpoint or task.checkpoint
     dataset = load_dataset_for_task(task, opts.data_root, progress=opts.progress)
-    plan = TrainingPlan.for_task(task, len(dataset))
-    identity = training_identity(task, dataset.content_hash)
+    plan = TrainingPlan.for_task(task, dataset)
+    identity = training_identity(task, dataset.content_hash, dataset.subset_hashes)
     given = load_resume_point(checkpoint_in, identity) if checkpoint_in else None
     start_step = given.global_step if given else 0
     done = already_committed(output_dir, identity, start_step, plan, clock)
@@ -108,7 +112,19 @@ def run_segment(task: TaskDefinition, output_dir: str,
         seconds=round(clock.elapsed(), 3), checkpoint=checkpoint_url, validation=images,
         metrics=metrics_url, cache=cache.address if cache else None,
         skipped_images=list(dataset.manifest.get("skipped", [])),
+        data=data_summary(task, dataset, plan),
     )
+
+
+def data_summary(task: TaskDefinition, dataset: TrainingData, plan: TrainingPlan) -> dict:
+    """What one epoch of ``dataset`` holds, as a JSON-able dict (see SegmentResult.data).
+
+    Counted from the data at the plan's batch size; it agrees with the plan's epochs
+    (uses and micro-batches), which tests/engine/train/test_datasets_resume.py checks.
+    """
+    summary = epoch_summary(dataset, plan.batch_size, subset_names(task),
+                            dataset.manifest.get("skipped", []))
+    return asdict(summary)
 
 
 def _expect_after_save(clock: SegmentClock, task: TaskDefinition, plan: TrainingPlan,

@@ -26,25 +26,43 @@ class StateMismatchError(LoraflowError):
     """A checkpoint's training state does not fit this task."""
 
 
-def training_identity(task: TaskDefinition, dataset_hash: str) -> dict[str, Any]:
+def training_identity(task: TaskDefinition, dataset_hash: str,
+                      subset_hashes: list[str] | None = None) -> dict[str, Any]:
     """The parts of a task that decide the training's result.
 
     Per-segment settings (steps or epochs of this segment, budget, checkpoint, workers,
     validation, output formats, cache mode) are left out: they may differ between
     segments without changing the result.
+
+    The data: a one-source task keeps its ``"dataset"`` entry (its arguments and the
+    prepared dataset's ``dataset_hash``), so its checkpoints still match; a task with
+    ``datasets`` has ``"datasets"``, each subset's arguments with its own content hash
+    (``subset_hashes``, :attr:`~engine.data.training_data.TrainingData.subset_hashes`),
+    so a checkpoint names which subset differs.
     """
     per_segment = {"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
                    "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
     ta = {k: v for k, v in task.train_args.stable_dump().items() if k not in per_segment}
-    return {
+    identity = {
         "model": task.model.model_dump(),
-        "dataset": {**task.subsets[0].stable_dump(), "content_hash": dataset_hash},
+        **_data_identity(task, dataset_hash, subset_hashes),
         "train_args": ta,
         "lora": {**task.lora.model_dump(exclude={"alpha"}), "alpha": task.lora_alpha},
         "transforms": task.transforms.model_dump(),
         "mixed_precision": task.mixed_precision,
         "seed": task.seed,
     }
+    return json.loads(json.dumps(identity))  # as a checkpoint holds it: tuples are lists
+
+
+def _data_identity(task: TaskDefinition, dataset_hash: str,
+                   subset_hashes: list[str] | None) -> dict[str, Any]:
+    if task.datasets is None:
+        return {"dataset": {**task.subsets[0].stable_dump(), "content_hash": dataset_hash}}
+    if subset_hashes is None or len(subset_hashes) != len(task.datasets):
+        raise ValueError("a task with datasets needs one content hash per subset")
+    return {"datasets": [{**args.stable_dump(), "content_hash": digest}
+                         for args, digest in zip(task.datasets, subset_hashes, strict=True)]}
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -60,9 +78,17 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any],
         where = f"{path}/{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += identity_differences(a, b, where)
+        elif _dict_lists(a, b):  # subsets: say which one differs, and where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                out += identity_differences(x, y, f"{where}/{i}")
         elif a != b:
             out.append(f"{where}: checkpoint has {json.dumps(a)}, task has {json.dumps(b)}")
     return out
+
+
+def _dict_lists(a: Any, b: Any) -> bool:
+    return (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+            and all(isinstance(v, dict) for v in [*a, *b]))
 
 
 # -- optimizer -------------------------------------------------------------------------

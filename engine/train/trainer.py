@@ -88,7 +88,8 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
 
 
 def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
-    """The summed per-sample diffusion loss of one micro-batch (fp32)."""
+    """The summed per-sample diffusion loss of one micro-batch (fp32), each sample's
+    scaled by its subset's loss weight."""
     scheduler = tr.base.noise_scheduler
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     with tr.autocast():
@@ -97,15 +98,20 @@ def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
     target = target_for(scheduler, tr.prediction_type, batch.latents, batch.noise,
                         batch.timesteps)
     weights = loss_weights(scheduler, batch.timesteps, tr.snr_gamma, tr.prediction_type)
-    return per_sample_loss(prediction, target, weights).sum()
+    losses = per_sample_loss(prediction, target, weights)
+    if batch.sample_weights is not None:  # subsets' loss_weight; None keeps the old bits
+        losses = losses * batch.sample_weights
+    return losses.sum()
 
 
 def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
                source: SampleSource) -> dict[str, float]:
     """One optimizer step over the step's micro-batches; returns its metrics.
 
-    The loss is the mean over the step's samples (a short last micro-batch weighs by its
-    size), whatever the accumulation.
+    The loss is the mean over the step's samples (a short micro-batch, a bucket's
+    remainder or the epoch's last, weighs by its size), whatever the accumulation. A
+    subset's loss weight scales its samples' terms; the divisor stays the sample count,
+    so a weight of 2 counts a sample twice and weights of 1 are the plain mean.
     """
     refs = tr.plan.micro_batches(tr.global_step)
     n_samples = sum(len(r) for r in refs)

@@ -56,6 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precision=args.precision, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
         levers=args.levers, rank=args.rank, device=args.device, threads=args.threads,
         smoke=args.smoke, live=not args.no_live, restart=not args.no_restart,
+        data_path=args.data_path,
     )
     report = bench.run_benchmark(settings)
     report.command = "loraflow " + " ".join(sys.argv[1:]) if sys.argv[1:] else "loraflow bench"
@@ -88,6 +89,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--no-live", action="store_true", help="skip encoding-every-step runs")
     p.add_argument("--no-restart", action="store_true",
                    help="skip the restart measurement (it saves the model to a temp folder)")
+    p.add_argument("--data-path", type=_int_list, metavar="PX[,PX]",
+                   help="also measure the data path (decode + transforms, cache and live, "
+                        "0 and 2 workers) beside the step at these resolutions")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--markdown", help="write the markdown table here")
     p.add_argument("--smoke", action="store_true",

@@ -143,6 +143,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not args.quiet:  # for the person at the terminal; stdout stays one JSON record
+        for line in epoch_lines(result.data):
+            print(line, file=sys.stderr)
     print(segment_summary(result, args.overrides))
     return ExitCode.INTERRUPTED if result.stopped_by == StopReason.SIGNAL else ExitCode.OK
 
@@ -173,11 +176,23 @@ def describe(summary: dict[str, Any]) -> str:
         lines.append(f"  {'image':<10} {redact(image)}")
     if summary.get("overrides"):
         lines.append(f"  {'overrides':<10} {redact(' '.join(summary['overrides']))}")
+    lines += epoch_lines((summary.get("dataset") or {}).get("epoch"))
     lines.append(
         f"trained {summary['global_step']} steps in {summary['segments']} segment(s); "
         f"final checkpoint {redact(summary['checkpoint'])}"
     )
     return "\n".join(lines)
+
+
+def epoch_lines(epoch: dict[str, Any] | None) -> list[str]:
+    """What one epoch trained (buckets, subsets, skipped files), if the summary says."""
+    if not epoch:
+        return []
+    from pydantic import TypeAdapter
+
+    from engine.data.epoch_summary import EpochSummary, summary_lines
+
+    return summary_lines(TypeAdapter(EpochSummary).validate_python(epoch))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -109,3 +109,31 @@ def test_tiny_model_writes_the_quickstart_base_the_card_names(tmp_path: Path) ->
     assert main(["tiny-model", "tiny-shapes", str(tmp_path / "tiny-shapes")]) == 0
     assert (tmp_path / "tiny-shapes" / "model_index.json").is_file()
     assert (tmp_path / "tiny-shapes" / "unet").is_dir()
+
+
+def test_the_run_summary_shows_what_an_epoch_trained() -> None:
+    epoch = {"images": 5, "images_per_epoch": 7, "batches_per_epoch": 4, "batch_size": 2,
+             "buckets": [{"bucket": "48x80", "images": 2, "uses": 4, "batches": 2},
+                         {"bucket": "64x64", "images": 3, "uses": 3, "batches": 2}],
+             "subsets": [{"name": "a", "images": 3, "repeats": 1, "uses": 3},
+                         {"name": "b", "images": 2, "repeats": 2, "uses": 4}],
+             "skipped": 1}
+    summary = {"lora": {"lora_dir": "runs/x/lora"}, "validation": [], "global_step": 6,
+               "segments": 3, "checkpoint": "c", "dataset": {"count": 5, "epoch": epoch}}
+    lines = describe(summary).splitlines()
+    assert "data: 5 images, 7 uses per epoch in 4 batches of up to 2; 1 file(s) skipped" in lines
+    assert "  bucket     48x80: 2 images, 4 uses, 2 batches" in lines
+    assert "  subset b: 2 images x2 = 4 uses" in lines
+
+
+def test_segment_shows_the_data_of_an_epoch_on_stderr(
+    task_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["segment", str(task_file), "train_args.num_train_steps=1", "--no-validation",
+                 "--output-dir", str(tmp_path / "s0"), "--cache-dir", str(tmp_path / "cache")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    record = json.loads(out.strip().splitlines()[-1])  # stdout stays one JSON record
+    images = record["data"]["images"]
+    assert f"data: {images} images, {images} uses per epoch" in err
+    assert "  bucket     64x64:" in err

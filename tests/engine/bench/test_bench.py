@@ -191,3 +191,35 @@ def test_settings_refuse_unknown_names():
         bench.make_settings(levers=["torch_compile"])
     smoke_full = bench.make_settings(family="sd15", smoke=True)
     assert smoke_full.restart is False and smoke_full.resolution == 512
+
+
+def test_data_path_is_measured_beside_the_step_for_cache_and_live_inputs(tiny_base, tmp_path):
+    from engine.bench.data_path import measure_data_path
+    from engine.bench.report import data_path_lines
+
+    settings = bench.make_settings(smoke=True, batch_sizes=[2], steps=2, warmup=1,
+                                   data_path=[64])
+    rows = measure_data_path(tiny_base, settings, tmp_path)
+
+    assert [(r["inputs"], r["workers"]) for r in rows] == [
+        ("cache", 0), ("cache", 2), ("live", 0), ("live", 2)]
+    for row in rows:
+        assert row["resolution"] == 64 and row["batch_size"] == 2
+        assert row["data_path_samples_per_second"] > 0 and row["step_samples_per_second"] > 0
+        assert row["training_samples_per_second"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["data_path_samples_per_second"] / row["step_samples_per_second"])
+    # the photos are decoded by the engine's own prepared dataset: JPEGs of mixed shapes
+    assert len(list((tmp_path / "photos").glob("*.jpg"))) == bench.data_path.PHOTO_COUNT
+    table = data_path_lines(rows)
+    assert table[0].startswith("| px | batch | inputs | workers | data path samples/s |")
+    assert len(table) == 2 + len(rows)
+
+
+def test_cli_data_path_option_takes_resolutions():
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--smoke", "--data-path", "64,256"])
+    assert args.data_path == [64, 256]
+    assert bench.make_settings(smoke=True, data_path=args.data_path).data_path == [64, 256]
+    assert bench.make_settings(smoke=True).data_path == []

@@ -153,3 +153,40 @@ def test_cli_validate_check_refs_lists_the_problems(tmp_path: Path) -> None:
     assert "/model/name:" in done.stderr and "/dataset/name:" in done.stderr
     assert "no data files" in done.stderr and done.stdout == ""
     assert "--check-refs" in _cli("validate", "--help").stdout
+
+
+def test_each_subset_is_checked_and_named_by_its_pointer(tmp_path: Path) -> None:
+    import copy
+
+    from engine.task.validation import validate_document
+    from tests.support.engine import BASE_TASK
+
+    good = _image_folder(tmp_path / "good")
+    other = _image_folder(tmp_path / "other", caption_key="caption")
+    missing = tmp_path / "gone"
+    doc = {k: v for k, v in copy.deepcopy(BASE_TASK).items() if k != "dataset"}
+    doc["datasets"] = [{"name": str(good)}, {"name": str(missing)}, {"name": str(other)},
+                       {"shards": [str(tmp_path / "none.tar")]}]
+    found = _pointers(reference_problems(validate_document(doc)))
+    assert sorted(found) == ["/datasets/1/name", "/datasets/2/caption_column",
+                             "/datasets/3/shards/0"]
+    assert str(missing) in found["/datasets/1/name"]
+    assert "datasets.2.caption_column 'text'" in found["/datasets/2/caption_column"]
+    assert "no such shard file" in found["/datasets/3/shards/0"]
+
+
+def test_a_prepared_bucketed_subset_stands_in_for_its_source(tmp_path: Path) -> None:
+    import copy
+
+    from engine.data.prepared import prepare_subsets
+    from engine.task.validation import validate_document
+    from tests.support.engine import BASE_TASK
+
+    data = _image_folder(tmp_path / "data")
+    doc = {k: v for k, v in copy.deepcopy(BASE_TASK).items() if k != "dataset"}
+    doc["datasets"] = [{"name": str(data), "buckets": {"step": 16}}]
+    task = validate_document(doc)
+    prepare_subsets(task, str(tmp_path / "prepared"))
+    shutil.rmtree(data)
+    assert reference_problems(task, prepared_in=str(tmp_path / "prepared")) == []
+    assert list(_pointers(reference_problems(task))) == ["/datasets/0/name"]

@@ -1,0 +1,107 @@
+"""A new user's own data, as they have it, trains through ``loraflow run`` (the real CLI, a
+child process, the tiny model, two steps): a kohya-layout folder (``img.png`` + ``img.txt``,
+a ``2_`` repeat folder, one image without its caption file), an image folder with
+``metadata.csv``, a parquet file and a ``datasets`` save_to_disk folder.
+
+Before: the kohya folder, the most common layout there is, failed ("caption_column 'text'
+is not a column") and a save_to_disk folder was not recognised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import pytest
+
+from engine.model.embedded.demo_data import build_demo_data
+from tests.support.flow import flow_task, subprocess_env
+
+pytest_plugins = ["tests.support.flow_fixtures"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _demo_rows(demo) -> list[tuple[Path, str]]:
+    lines = (demo.imagefolder / "metadata.jsonl").read_text().splitlines()
+    return [(demo.imagefolder / r["file_name"], r["text"]) for r in map(json.loads, lines)][:6]
+
+
+def _kohya(demo, root: Path) -> tuple[Path, int, int]:
+    """4 images at the top, 2 in ``2_shapes/`` (used twice each), one without a .txt."""
+    rows = _demo_rows(demo)
+    for i, (image, text) in enumerate(rows):
+        folder = root / ("2_shapes" if i >= 4 else "plain")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / image.name).write_bytes(image.read_bytes())
+        if i != 0:
+            (folder / image.name).with_suffix(".txt").write_text(text + "\n")
+    return root, 5, 1
+
+
+def _metadata_csv(demo, root: Path) -> tuple[Path, int, int]:
+    root.mkdir()
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        for image, text in _demo_rows(demo):
+            (root / image.name).write_bytes(image.read_bytes())
+            writer.writerow([image.name, text])
+    return root, 6, 0
+
+
+def _parquet(demo, root: Path) -> tuple[Path, int, int]:
+    return demo.parquet, len(_demo_rows(demo)) * 4, 0  # the demo's 24 images
+
+
+def _save_to_disk(demo, root: Path) -> tuple[Path, int, int]:
+    table = datasets.Dataset.from_parquet(str(demo.parquet), cache_dir=str(root.parent / "c"))
+    table.select(range(6)).save_to_disk(str(root))
+    return root, 6, 0
+
+
+LAYOUTS: dict[str, Callable] = {
+    "kohya": _kohya,
+    "metadata_csv": _metadata_csv,
+    "parquet": _parquet,
+    "save_to_disk": _save_to_disk,
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_own_data_layout_trains_through_loraflow_run(
+    layout: str, prefect_api: str, tmp_path: Path
+) -> None:
+    demo = build_demo_data(tmp_path / "demo")
+    source, count, skipped = LAYOUTS[layout](demo, tmp_path / "source")
+    document = json.loads(flow_task().model_dump_json(exclude_unset=True))
+    document["dataset"] = {"name": str(source)}
+    document["train_args"].update(num_train_steps=2, max_train_steps=2, batch_size=2,
+                                  gradient_accumulation_steps=1)
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(document))
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(task_file), "--output-dir", str(out),
+         "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "-q"],
+        env=subprocess_env(PREFECT_API_URL=prefect_api), capture_output=True, text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (summary_file,) = out.rglob("run_summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["global_step"] == 2
+    assert summary["dataset"]["count"] == count
+    assert summary["dataset"]["skipped"] == skipped
+    (manifest_file,) = (tmp_path / "data").glob("dataset-*/manifest.json")
+    manifest = json.loads(manifest_file.read_text())
+    records = [json.loads(line) for line in
+               (manifest_file.parent / "records.jsonl").read_text().splitlines()]
+    if layout == "kohya":
+        assert manifest["skipped"][0]["reason"].endswith(".txt missing")
+        assert sorted(r.get("repeats", 1) for r in records) == [1, 1, 1, 2, 2]
