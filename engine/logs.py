@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -34,8 +35,11 @@ def silence_progress_bars() -> None:
         transformers.utils.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001 - optional quieting only
         pass
-    try:
-        import datasets
+    try:  # not imported for this: a segment from a prepared dataset never needs it (~1 s),
+        # and HF_DATASETS_DISABLE_PROGRESS_BARS (above) quiets it if something imports it later
+        datasets = sys.modules.get("datasets")
+        if datasets is None:
+            raise ImportError
 
         datasets.disable_progress_bars()
         datasets.utils.logging.set_verbosity_error()

@@ -1,7 +1,7 @@
 """What a person sees of a fine-tuning run in the Prefect UI: progress, metrics, results.
 
-Five artifacts per run, keyed by the run folder (:func:`run_key`) so that the Artifacts
-page keeps one history per run folder:
+Five artifacts per run (seven with ``validation_steps``), keyed by the run folder
+(:func:`run_key`) so that the Artifacts page keeps one history per run folder:
 
 * ``<run>-data``: a table of what one epoch trains, one row per bucket (images, uses per
   epoch, batches) and a total; subsets and skipped files in its description. Made
@@ -10,7 +10,9 @@ page keeps one history per run folder:
   seconds while a segment trains (``tasks.progress``) and after each segment;
 * ``<run>-segments``: a table, one row per segment: steps, mean loss, seconds, samples/s;
 * ``<run>-curve``: a chart of the loss and learning rate by step, after each segment;
-* ``<run>-result``: markdown with the validation images and where the LoRA went.
+* ``<run>-result``: markdown with the validation images and where the LoRA went;
+* ``<run>-validation-grid`` and ``<run>-validation-loss`` (with ``validation_steps``): the
+  images of each validated step, raw and EMA side by side, and a table of the held-out loss.
 """
 
 from __future__ import annotations
@@ -202,30 +204,34 @@ def image_markdown(url: str, caption: str) -> str:
     return f"![{caption}](data:image/png;base64,{encoded})"
 
 
-def base_vs_lora_lines(validation: ValidationResult) -> list[str]:
-    """A table of the base model's and the LoRA's image for each prompt and seed."""
+def base_vs_lora_lines(validation: ValidationResult, trained: str = "LoRA") -> list[str]:
+    """A table of the base model's and the LoRA's (``trained``'s) image for each prompt
+    and seed."""
     pairs = list(zip(validation.base_images, validation.images, strict=False))
     if not pairs:
         return []
-    lines = ["", "## Base model vs LoRA (same prompts and seeds)", "",
-             "| image | base model | with the LoRA |", "| --- | --- | --- |"]
+    lines = ["", f"## Base model vs {trained} (same prompts and seeds)", "",
+             f"| image | base model | with the {trained} |", "| --- | --- | --- |"]
     for i, (base, lora) in enumerate(pairs):
         lines.append(f"| {i} | {image_markdown(base, f'base {i}').removeprefix('- ')} "
-                     f"| {image_markdown(lora, f'LoRA {i}').removeprefix('- ')} |")
+                     f"| {image_markdown(lora, f'{trained} {i}').removeprefix('- ')} |")
     return lines
 
 
 def show_result(summary: RunSummary, published: PublishResult,
                 validation: ValidationResult) -> UUID:
     images = validation.images
+    full = published.training_type == "full"  # a whole model: no LoRA files
     lines = [
-        f"# LoRA published: {storage.redact(published.lora_dir)}",
+        f"# {'Full fine-tune' if full else 'LoRA'} published: "
+        f"{storage.redact(published.folder)}",
         "",
         f"- global step: **{summary.global_step}** of {summary.total_steps}, "
         f"{summary.segments} segment(s)",
         f"- final checkpoint: `{storage.redact(summary.checkpoint)}`",
     ]
-    for label in ("diffusers", "kohya", "readme", "metrics"):
+    labels = ("diffusers_model", "single_file") if full else ("diffusers", "kohya")
+    for label in (*labels, "readme", "metrics"):
         url = getattr(published, label)
         if url:
             lines.append(f"- {label}: `{storage.redact(url)}`")
@@ -237,9 +243,56 @@ def show_result(summary: RunSummary, published: PublishResult,
         image_markdown(url, storage.basename(url)) + "\n" for url in images
     ] or ["(none)"]
     lines += ["", "Image files (full size):", ""] + [f"- `{storage.redact(u)}`" for u in images]
-    lines += base_vs_lora_lines(validation)
+    lines += base_vs_lora_lines(validation, "full fine-tune" if full else "LoRA")
     return create_markdown_artifact(
         "\n".join(lines),
         key=f"{run_key(summary.output_dir)}-result",
-        description="Validation images and where the LoRA was published",
+        description="Validation images and where the "
+        f"{'full fine-tune' if full else 'LoRA'} was published",
     )
+
+
+# -- validation every N steps (validation.validation_steps) ----------------------------
+
+
+def validation_grid_lines(done: list) -> list[str]:
+    """Markdown: per validated step, a row of thumbnails per adapter (raw, then EMA)."""
+    lines = ["# Validation by step", ""]
+    for v in done:
+        losses = ", ".join(f"{name} {loss:.5f}" for name, loss in v.loss.items())
+        lines += [f"## Step {v.global_step}: held-out loss {losses}", ""]
+        count = max(len(urls) for urls in v.images.values())
+        lines.append("| adapter | " + " | ".join(str(i) for i in range(count)) + " |")
+        lines.append("| --- " * (count + 1) + "|")
+        for name, urls in v.images.items():
+            cells = [image_markdown(u, f"step {v.global_step} {name} {i}").removeprefix("- ")
+                     for i, u in enumerate(urls)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Prompts: " + "; ".join(f"{i}: {p}" for i, p in enumerate(v.prompts)),
+                  f"Folder: `{storage.redact(v.folder)}`", ""]
+    return lines
+
+
+def validation_loss_rows(done: list) -> list[dict]:
+    """One row per validated step: the held-out loss of each adapter (plain numbers)."""
+    names = sorted({name for v in done for name in v.loss}, key=lambda n: (n != "raw", n))
+    return [{"step": v.global_step,
+             **{f"loss ({name})": _round(v.loss.get(name), 6) for name in names},
+             "held-out set": v.source, "images": sum(len(u) for u in v.images.values())}
+            for v in done]
+
+
+def show_validation_steps(output_dir: str, done: list) -> tuple[UUID, UUID] | None:
+    """The image grid and the loss table of the validated steps so far (None if none)."""
+    if not done:
+        return None
+    key = run_key(output_dir)
+    grid = create_markdown_artifact(
+        "\n".join(validation_grid_lines(done)), key=f"{key}-validation-grid",
+        description="Validation images of each validated step (raw and EMA adapters)",
+    )
+    table = create_table_artifact(
+        validation_loss_rows(done), key=f"{key}-validation-loss",
+        description="Held-out validation loss at fixed noise and timesteps, by step",
+    )
+    return grid, table

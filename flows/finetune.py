@@ -26,6 +26,7 @@ from engine.task.validation import TaskValidationError, cross_field_problems
 from engine.train.plan import TrainingPlan
 from flows import artifacts
 from flows.run_names import readable_run_name
+from flows.validation_steps import StepValidations, run_rows
 from tasks.cache import build_cache
 from tasks.dataset import prepare_dataset
 from tasks.payloads import (
@@ -131,7 +132,8 @@ def finetune(
             the run says how it differs from its task file.
 
     Returns:
-        the run summary (JSON-able): totals, ``lora`` (the published URLs),
+        the run summary (JSON-able): totals, ``lora`` (the published URLs; for a
+        full fine-tune ``model`` instead, and ``training_type: "full"``),
         ``validation`` (image URLs) and ``segment_results`` (one row per segment).
     """
     logger = get_run_logger()
@@ -154,11 +156,14 @@ def finetune(
         artifacts.show_data(output_dir, dataset.epoch)
 
     plan = TrainingPlan.for_task(task, load_dataset_for_task(task, data_dir))  # buckets, repeats
+    step_validations = StepValidations(task, output_dir, dataset, data_dir,
+                                       concurrent=segment_deployment is not None)
     segments = train_all_segments(
         task, plan, output_dir, dataset, cache_dir=cache_dir, data_dir=data_dir,
         budget_seconds=budget_seconds or task.train_args.segment_budget_seconds,
-        segment_deployment=segment_deployment,
+        segment_deployment=segment_deployment, step_validations=step_validations,
     )
+    validated_steps = step_validations.wait()
     final = segments[-1].result
     checkpoint, step = final.checkpoint, final.global_step
     validation: ValidationResult = validate_final.with_options(
@@ -184,21 +189,26 @@ def finetune(
         [s.result.metrics for s in segments if s.result.metrics], summary, data_dir=data_dir,
     )
     artifacts.show_result(summary, published, validation)
-    logger.info("LoRA published to %s", storage.redact(published.lora_dir))
-    return run_result(summary, published, validation)
+    logger.info("%s published to %s", "Full fine-tune" if published.training_type == "full"
+                else "LoRA", storage.redact(published.folder))
+    result = run_result(summary, published, validation)
+    if task.validation.validation_steps:
+        result["validation_steps"] = run_rows(validated_steps)
+    return result
 
 
 def train_all_segments(
     task: TaskDefinition, plan: TrainingPlan, output_dir: str, dataset: DatasetSummary, *,
     cache_dir: str | None, data_dir: str | None, budget_seconds: float | None,
-    segment_deployment: str | None,
+    segment_deployment: str | None, step_validations: StepValidations | None = None,
 ) -> list[SegmentSummary]:
     """Segments, each from the previous one's checkpoint, until the training is finished.
 
     Here or, with ``segment_deployment``, each on whichever worker serves it. The UI's
     progress bar moves while a segment trains (the segment updates it by id, from
     whichever process it runs in); the segment table and the loss / lr chart are
-    updated after each segment.
+    updated after each segment. ``step_validations`` is handed each segment as it
+    returns (validation every N steps, outside the segment: flows/validation_steps.py).
     """
     step = start_step_of(task)
     progress = artifacts.start_progress(output_dir, step, plan.total_steps)
@@ -225,6 +235,8 @@ def train_all_segments(
         artifacts.show_progress(progress, step, plan.total_steps)
         artifacts.show_segments(output_dir, segments)
         artifacts.show_curve(output_dir, segments)
+        if step_validations is not None:
+            step_validations.after_segment(segment)
         if segment.result.finished:
             return segments
     raise RuntimeError(  # pragma: no cover - guarded by the engine (BudgetTooShortError)
@@ -242,7 +254,10 @@ def run_result(summary: RunSummary, published: PublishResult,
     return {
         **totals,
         "dataset": dict(summary.dataset),
-        "lora": published.model_dump(mode="json"),
+        # a full fine-tune publishes a whole model (model/), not a LoRA
+        **({"training_type": "full", "model": published.model_dump(mode="json")}
+           if published.training_type == "full"
+           else {"lora": published.model_dump(mode="json")}),
         "validation": list(validation.images),
         "segment_results": list(summary.segment_results),
     }

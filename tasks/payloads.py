@@ -182,9 +182,10 @@ class RunSummary(Payload):
 
 
 class PublishResult(Payload):
-    """The URLs the publish step wrote under ``<output_dir>/lora/``."""
+    """The URLs the publish step wrote under ``<output_dir>/lora/`` or, for a full
+    fine-tune (``training_type == "full"``: no LoRA files), ``<output_dir>/model/``."""
 
-    lora_dir: str
+    lora_dir: str | None
     diffusers: str | None
     kohya: str | None
     readme: str
@@ -194,6 +195,18 @@ class PublishResult(Payload):
     metrics: str | None
     #: The base model's images (same prompts and seeds), copied beside the LoRA's.
     base_validation: list[str] = []
+    training_type: str = "lora"
+    #: A full fine-tune's model/ folder, its diffusers model folder and single file.
+    model_dir: str | None = None
+    diffusers_model: str | None = None
+    single_file: str | None = None
+    #: Further weight files by role (``diffusers_raw``, ``kohya_ema``...: EMA publish_both).
+    variants: dict[str, str] = {}
+
+    @property
+    def folder(self) -> str:
+        """Where it was published: ``lora/``, or ``model/`` for a full fine-tune."""
+        return str(self.model_dir if self.training_type == "full" else self.lora_dir)
 
 
 __all__ = [

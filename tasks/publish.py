@@ -1,4 +1,6 @@
-"""Publish the finished LoRA (diffusers + kohya files, model card, metrics, run summary)."""
+"""Publish the finished training: the LoRA (diffusers + kohya files) or, for a full
+fine-tune, the whole model (diffusers folder + single file); with the model card, metrics
+and run summary."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from prefect.runtime import flow_run
 
 from engine.data.prepared import load_dataset_for_task
 from engine.lora.publish import publish_lora
+from engine.model.full_publish import publish_full_run
 from engine.store import storage
 from engine.task.definition import TaskDefinition
 from tasks import step
@@ -46,6 +49,10 @@ def publish(
 ) -> PublishResult:
     """Write ``<output_dir>/lora/`` from the final checkpoint; return the URLs written.
 
+    A full fine-tune (``training_type: "full"``) has no LoRA file: it is published as
+    ``<output_dir>/model/`` (engine/model/full_publish.py), never through the LoRA
+    writers.
+
     Publishing rewrites the same files when run again (a retry after a crash mid-write
     is harmless). The dates in the summary are the flow run's scheduled start (stable
     across retries of the run) and now.
@@ -62,6 +69,14 @@ def publish(
             "started_at": started.isoformat() if started else None,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if task.training_type == "full":
+            published = publish_full_run(
+                checkpoint, task, output_dir, dataset_hash=dataset.content_hash,
+                validation_images=validation.images, base_images=validation.base_images,
+                metrics_url=metrics_url, run_summary=summary,
+            )
+            return PublishResult(training_type="full", lora_dir=None, diffusers=None,
+                                 kohya=None, **published)
         published = publish_lora(
             checkpoint, task, output_dir,
             dataset_hash=dataset.content_hash,
@@ -71,4 +86,6 @@ def publish(
             metrics_url=metrics_url,
             run_summary=summary,
         )
-    return PublishResult(**published)
+    known = {k: v for k, v in published.items() if k in PublishResult.model_fields}
+    variants = {k: v for k, v in published.items() if k not in PublishResult.model_fields}
+    return PublishResult(**known, variants=variants)

@@ -25,6 +25,7 @@ configs built in memory, tiny models), ``data`` (synthetic images), ``trainer`` 
 engine trainer at a time), ``probes`` (sync, memory), ``flops`` (FLOP counts), ``peaks``
 (device peak table, MFU), ``training`` (samples/s), ``data_path`` (decode + transforms
 beside the step), ``cache_build``, ``restart`` (checkpoint save, segment restart),
+``fixed_cost`` (a cold ``loraflow segment`` process phase by phase, ``--fixed-cost``),
 ``machine`` (what it ran on), ``report`` (JSON and markdown), ``run`` (the whole run in
 order). This file only re-exports.
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from engine.errors import LoraflowError
 from engine.infer.pipeline import load_pipeline, pipeline_from_base, scheduler_for_inference
-from engine.lora.weights import LORA_FILE
+from engine.lora.weights import LORA_FILE, load_into_pipeline
 from engine.model.loading import BaseModel, load_vae, training_device
 from engine.model.precision import autocast, weight_dtype
 from engine.store import storage
@@ -161,7 +159,11 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     Unlike the in-segment validation (which reuses the adapted UNet in memory), this goes
     through ``load_lora_weights`` on a fresh pipeline: what a user of the file gets. The
     same pipeline renders the same prompts and seeds first without the LoRA (the base).
+    A full fine-tune (``training_type: "full"``) has no LoRA file: see
+    :func:`validate_full_checkpoint`.
     """
+    if task.training_type == "full":
+        return validate_full_checkpoint(task, checkpoint_url, output_dir, dataset)
     loaded = read_checkpoint(checkpoint_url)
     device = training_device()
     dtype = weight_dtype(task.mixed_precision, device)
@@ -176,9 +178,38 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     prompts = validation_prompts(task, dataset)
     base = write_base_images(output_dir, task, prompts,
                              render_validation(pipe, task, prompts, device, dtype))
-    with tempfile.TemporaryDirectory() as tmp:  # from a file, so its alpha metadata is read
-        (Path(tmp) / LORA_FILE).write_bytes(loaded.files[LORA_FILE])
-        pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+    load_into_pipeline(pipe, loaded.files[LORA_FILE])  # from the file: its alpha metadata
     images = render_validation(pipe, task, prompts, device, dtype)
     lora = write_validation(output_dir, task, prompts, images, loaded.global_step)
     return CheckpointImages(lora=lora, base=base)
+
+
+def validate_full_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: str,
+                             dataset: Any) -> CheckpointImages:
+    """A full fine-tune's validation: the base model, then the same modules holding the
+    checkpoint's trained UNet (and text encoders), same prompts and seeds.
+
+    The weights come from the file the published model is made of (the EMA when it is
+    the one published), into a freshly loaded model with the task's component overrides,
+    as :func:`engine.model.full_export.publish_full_model` builds it. ``CheckpointImages
+    .lora`` then holds the fine-tuned model's images.
+    """
+    from engine.model.full_export import published_weights_file, put_trained_weights
+    from engine.model.loading import load_base_model
+
+    loaded = read_checkpoint(checkpoint_url)
+    device = training_device()
+    base = load_base_model(task, device)
+    base.unet.to(device)
+    prediction = task.train_args.prediction_type or base.noise_scheduler.config.prediction_type
+    pipe = pipeline_from_base(
+        base, scheduler_for_inference(base.location, task.model.revision, prediction)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompts = validation_prompts(task, dataset)
+    base_urls = write_base_images(output_dir, task, prompts,
+                                  render_validation(pipe, task, prompts, device, base.dtype))
+    put_trained_weights(base, loaded.files[published_weights_file(task)])
+    images = render_validation(pipe, task, prompts, device, base.dtype)
+    trained = write_validation(output_dir, task, prompts, images, loaded.global_step)
+    return CheckpointImages(lora=trained, base=base_urls)

@@ -40,6 +40,9 @@ KOHYA_PREFIXES: dict[str, dict[str, str]] = {
 }
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+#: The LyCORIS tensors ComfyUI's weight adapters also read (see :mod:`engine.lora.lycoris`).
+LYCORIS_SUFFIXES = (".dora_scale", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b",
+                    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b")
 
 #: UNet modules named in the kohya file by their original (LDM / sgm) layout name, not the
 #: diffusers one. diffusers' kohya converter (0.42) strips the last ``.<digit>`` of every
@@ -218,7 +221,7 @@ def comfyui_unmapped_keys(
 
 def _comfyui_maps(key: str, te_prefixes: list[str], unet_names: set[str]) -> bool:
     module, dot, suffix = key.partition(".")
-    if not dot or f".{suffix}" not in KOHYA_SUFFIXES:
+    if not dot or f".{suffix}" not in KOHYA_SUFFIXES + LYCORIS_SUFFIXES:
         return False
     if module.startswith("lora_unet_"):
         return module.removeprefix("lora_unet_") in unet_names

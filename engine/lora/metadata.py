@@ -92,7 +92,8 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
     local path would leak the machine's layout.
     """
     data = task.stable_dump(mode="json")
-    for key in ("name", "vae"):
+    for key in ("name", "vae", "unet", "text_encoder", "text_encoder_2", "tokenizer",
+                "tokenizer_2"):
         if data["model"].get(key):
             data["model"][key] = public_name(data["model"][key])
     if data.get("dataset") is None:  # several subsets: a task document names only those
@@ -152,6 +153,7 @@ def kohya_metadata(facts: LoraFacts) -> dict[str, str]:
         "ss_noise_offset": _number(train.noise_offset),
         "ss_dataset_hash": facts.dataset_hash,
     }
+    meta.update(network_metadata(task))
     if train.snr_gamma is not None:
         meta["ss_min_snr_gamma"] = _number(train.snr_gamma)
     if facts.epoch is not None:
@@ -161,6 +163,32 @@ def kohya_metadata(facts: LoraFacts) -> dict[str, str]:
     if facts.finished_at is not None:
         meta["ss_training_finished_at"] = _unix_seconds(facts.finished_at)
     return meta
+
+
+def network_metadata(task: TaskDefinition) -> dict[str, str]:
+    """The network module and its args, as the loaders and Civitai read them.
+
+    A plain LoRA says nothing more than ``networks.lora`` (kohya's own); LoCon adds
+    kohya's ``conv_dim`` / ``conv_alpha`` args. LoHa, LoKr and DoRA are LyCORIS networks:
+    ``ss_network_module`` ``lycoris.kohya`` and ``ss_network_args`` naming the ``algo``
+    (DoRA is LyCORIS's ``lora`` with ``dora_wd``), as LyCORIS' kohya wrapper writes them.
+    Empty for a task without the adapter fields, so its header keeps its bytes.
+    """
+    lora = task.lora
+    args: dict[str, str] = {}
+    if lora.type != "lora":
+        args["algo"] = {"loha": "loha", "lokr": "lokr", "dora": "lora"}[lora.type]
+    if lora.type == "dora":
+        args["dora_wd"] = "True"
+    if lora.type == "lokr":
+        args["factor"] = str(lora.lokr_factor)
+    if lora.conv is not None:
+        conv_alpha = lora.conv.alpha if lora.conv.alpha is not None else float(lora.conv.rank)
+        args.update(conv_dim=str(lora.conv.rank), conv_alpha=_number(conv_alpha))
+    if not args:
+        return {}
+    module = "networks.lora" if lora.type == "lora" else "lycoris.kohya"
+    return {"ss_network_module": module, "ss_network_args": json.dumps(args, sort_keys=True)}
 
 
 def kohya_dataset_metadata(epoch: EpochSummary, *, bucketed: bool) -> dict[str, str]:

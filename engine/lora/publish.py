@@ -11,6 +11,11 @@ From the last committed checkpoint's ``pytorch_lora_weights.safetensors`` this w
   ``run_summary.json``, ``validation/*.png`` and the metrics file when given, and
   ``validation/base/*.png`` (the base model alone, same prompts and seeds) when given.
 
+With ``train_args.ema`` the weights files hold the chosen weights (the average by
+default, from the checkpoint's ``pytorch_lora_weights_ema.safetensors``), and with
+``publish_both`` the other ones as well, in files named with ``_raw`` / ``_ema``; each
+file's metadata says which (``loraflow_weights``) and the card has a section on it.
+
 Publishing is a pure function of its inputs (dates come from the run summary, never
 from the clock), so running it again after a crash rewrites the same bytes.
 """
@@ -27,6 +32,7 @@ from safetensors.torch import load as load_tensors
 
 from engine.lora.card import CardFiles, render_model_card
 from engine.lora.formats import alphas_from_adapter_metadata, diffusers_to_kohya
+from engine.lora.lycoris import module_weights, needs_base_weights, peft_to_lycoris
 from engine.lora.metadata import (
     LoraFacts,
     epoch_of,
@@ -40,7 +46,9 @@ from engine.lora.weights import LORA_FILE
 from engine.model.family import Family
 from engine.store import storage
 from engine.store.commit import read_checkpoint
+from engine.store.safetensors_io import with_metadata
 from engine.task.definition import TaskDefinition
+from engine.train.ema import other_source, published_source
 
 LORA_DIR = "lora"
 KOHYA_PREFIX = "loraflow_"
@@ -80,7 +88,7 @@ def publish_lora(
     put a base-vs-LoRA table on the card.
     """
     loaded = read_checkpoint(checkpoint_url)
-    source = loaded.files[LORA_FILE]
+    source = loaded.files[published_source(task)]
     family = family or _model_family(task)
     facts = LoraFacts(
         task=task,
@@ -95,12 +103,14 @@ def publish_lora(
     )
     lora_dir = storage.join(output_url, LORA_DIR)
     weights = _weight_files(source, facts, kohya_file_name(task, run_summary))
+    weights, roles = _ema_weight_files(task, weights, loaded.files, facts,
+                                       kohya_file_name(task, run_summary))
     _remove_stale_weights(lora_dir, keep=set(weights))
     published: dict[str, Any] = {"lora_dir": lora_dir, "diffusers": None, "kohya": None}
     for name, data in weights.items():
         url = storage.join(lora_dir, name)
         storage.write_bytes(url, data)
-        published["diffusers" if name == LORA_FILE else "kohya"] = url
+        published[roles[name]] = url
 
     images = _copy_validation_images(validation_images, lora_dir)
     base = _copy_validation_images(base_images or [], lora_dir, "validation/base")
@@ -116,7 +126,7 @@ def publish_lora(
     texts = {
         "task.json": _json_text(public_task_dict(task)),
         "run_summary.json": _json_text(_redacted(run_summary)),
-        "README.md": render_model_card(facts, card_files, captions),
+        "README.md": render_model_card(facts, card_files, captions) + _ema_section(task, roles),
     }
     for name, text in texts.items():
         storage.write_bytes(storage.join(lora_dir, name), text.encode("utf-8"))
@@ -139,15 +149,103 @@ def _weight_files(source: bytes, facts: LoraFacts, kohya_name: str) -> dict[str,
     tensors = load_tensors(source)
     source_meta = read_metadata(source)
     files: dict[str, bytes] = {}
-    for fmt in dict.fromkeys(facts.task.output.lora_formats):
+    for fmt in _formats(facts.task):
         if fmt == "diffusers":
             meta = {**source_meta, **lora_metadata(facts, "diffusers")}
             files[LORA_FILE] = write_lora_file(tensors, meta)
-        else:
+        elif _plain_lora(facts.task):
             alphas = _alphas(facts.task, source_meta)
             kohya = diffusers_to_kohya(tensors, facts.family.name, alphas)
             files[kohya_name] = write_lora_file(kohya, lora_metadata(facts, "kohya"))
+        else:
+            base = _base_weights(facts.task, tensors) if needs_base_weights(tensors) else None
+            kohya = peft_to_lycoris(tensors, facts.family.name, source_meta, base)
+            files[kohya_name] = write_lora_file(kohya, lora_metadata(facts, "kohya"))
     return files
+
+
+def _formats(task: TaskDefinition) -> list[str]:
+    """The formats asked for; LoHa and LoKr only as the LyCORIS (kohya) file, which is
+    the one that loads anywhere (diffusers' ``load_lora_weights`` reads neither)."""
+    formats = list(dict.fromkeys(task.output.lora_formats))
+    if task.lora.type in ("loha", "lokr"):
+        return ["kohya"]
+    return formats
+
+
+def _plain_lora(task: TaskDefinition) -> bool:
+    """A LoRA without the adapter-type fields: written by the original converter."""
+    return task.lora.type == "lora" and task.lora.conv is None
+
+
+def _base_weights(task: TaskDefinition, tensors: Mapping[str, Any]) -> Any:
+    """The frozen weights a DoRA's ``dora_scale`` is written against (see lycoris)."""
+    import torch
+
+    from engine.model.loading import load_base_model
+
+    with_text = any(not k.startswith("unet.") for k in tensors)
+    base = load_base_model(task, torch.device("cpu"), with_vae=False, with_text=with_text)
+    modules: dict[str, Any] = {"unet": base.unet}
+    for i, encoder in enumerate(base.text_encoders):
+        modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+    return module_weights(modules)
+
+
+def _ema_weight_files(task: TaskDefinition, weights: dict[str, bytes],
+                      checkpoint: Mapping[str, bytes], facts: LoraFacts, kohya_name: str
+                      ) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The weight files labelled ``ema``/``raw`` (with train_args.ema), plus the other
+    weights' files when both are published; and each file's role (``diffusers``,
+    ``kohya``, ``diffusers_raw``, ...: the key of the URLs :func:`publish_lora` returns)."""
+    roles = {name: "diffusers" if name == LORA_FILE else "kohya" for name in weights}
+    label = _weights_label(task, main=True)
+    if label is None:
+        return weights, roles
+    out = {name: _labelled(data, label) for name, data in weights.items()}
+    other = other_source(task)
+    if other is not None:
+        file, suffix = other
+        more = _weight_files(checkpoint[file], facts, kohya_name)
+        for name, data in more.items():
+            marked = name.removesuffix(".safetensors") + f"{suffix}.safetensors"
+            out[marked] = _labelled(data, suffix.lstrip("_"))
+            roles[marked] = roles[name] + suffix
+    return out, roles
+
+
+def _labelled(data: bytes, label: str) -> bytes:
+    """The file with ``loraflow_weights`` (``ema`` or ``raw``) in its metadata."""
+    return with_metadata(data, {**read_metadata(data), "loraflow_weights": label})
+
+
+def _weights_label(task: TaskDefinition, *, main: bool) -> str | None:
+    """``ema`` or ``raw`` for the main (or the other) files; None without an EMA."""
+    ema = task.train_args.ema
+    if ema is None:
+        return None
+    return ema.publish if main else ("raw" if ema.publish == "ema" else "ema")
+
+
+def _ema_section(task: TaskDefinition, roles: Mapping[str, str]) -> str:
+    """The card's words on which file holds the average and which the raw weights."""
+    ema = task.train_args.ema
+    if ema is None:
+        return ""
+    words = {
+        "ema": f"the exponential moving average of the trained weights (decay {ema.decay}, "
+               f"from step {ema.start_step}, updated every {ema.update_every} step(s))",
+        "raw": "the raw weights, as the optimizer left them after the last step",
+    }
+    main = str(_weights_label(task, main=True))
+    other = str(_weights_label(task, main=False))
+    lines = ["", "## Weights: EMA or raw", ""]
+    for name in sorted(roles):
+        plain = roles[name] in ("diffusers", "kohya")
+        lines.append(f"- `{name}`: {words[main if plain else other]}.")
+    lines += ["", f"The files without a suffix hold the {main} weights; `loraflow_weights` "
+                  "in each file's metadata says the same.", ""]
+    return "\n".join(lines)
 
 
 def _alphas(task: TaskDefinition, source_meta: Mapping[str, str]) -> dict[str, float]:

@@ -31,8 +31,16 @@ _CLIP_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
 
 
 def _param_key(name: str, prefix: str) -> str:
-    """Parameter name in the adapted module -> key in the diffusers file."""
-    return standard_key(f"{prefix}.{name.replace('.default.', '.')}")
+    """Parameter name in the adapted module -> key in the diffusers file.
+
+    PEFT's state dict drops the adapter name: ``lora_A.default.weight`` -> ``lora_A.weight``,
+    ``hada_w1_a.default`` -> ``hada_w1_a`` (LoHa, LoKr), and DoRA's
+    ``lora_magnitude_vector.default.weight`` -> ``lora_magnitude_vector``.
+    """
+    name = name.replace(".default.", ".").removesuffix(".default")
+    if name.endswith(".lora_magnitude_vector.weight"):
+        name = name.removesuffix(".weight")
+    return standard_key(f"{prefix}.{name}")
 
 
 def standard_key(key: str) -> str:
@@ -93,11 +101,13 @@ def restore_lora(data: bytes, modules: dict[str, Any]) -> None:
     Every LoRA parameter must be in the file with the same shape, and the file must have
     nothing else: a rank or target change is refused instead of half-loaded.
     """
+    from engine.model.loading import is_adapter_parameter
+
     tensors = load_tensors(data)
     expected: dict[str, torch.nn.Parameter] = {}
     for prefix, module in modules.items():
         for name, param in module.named_parameters():
-            if "lora_" in name:
+            if is_adapter_parameter(name):
                 expected[_param_key(name, prefix)] = param
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -116,3 +126,50 @@ def restore_lora(data: bytes, modules: dict[str, Any]) -> None:
                 )
             param.copy_(tensors[key].to(param.dtype))
 
+
+
+def load_into_pipeline(pipe: Any, data: bytes) -> None:
+    """Put a checkpoint's adapter file on a pipeline, as a user of the file would.
+
+    LoRA and DoRA go through diffusers' ``load_lora_weights`` (it reads both). diffusers
+    does not load LoHa or LoKr, so those are attached the PEFT way: the config from the
+    file's ``lora_adapter_metadata`` header, then the tensors, on each component named.
+    """
+    from engine.lora.lycoris import adapter_kind
+
+    tensors = load_tensors(data)
+    if adapter_kind(tensors) not in ("loha", "lokr"):
+        with tempfile.TemporaryDirectory() as tmp:  # from a file, so its metadata is read
+            (Path(tmp) / LORA_FILE).write_bytes(data)
+            pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+        return
+    import json
+
+    from peft import LoHaConfig, LoKrConfig
+    from peft.utils import set_peft_model_state_dict
+
+    config = json.loads(read_metadata(data).get("lora_adapter_metadata") or "{}")
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        state = {k.removeprefix(f"{component}."): v for k, v in tensors.items()
+                 if k.startswith(f"{component}.")}
+        if not state:
+            continue
+        fields = {k.removeprefix(f"{component}."): v for k, v in config.items()
+                  if k.startswith(f"{component}.")}
+        cls = LoHaConfig if fields.get("peft_type") == "LOHA" else LoKrConfig
+        known = set(cls.__dataclass_fields__) - {"peft_type", "auto_mapping", "peft_version"}
+        module = getattr(pipe, component)
+        module.add_adapter(cls(**{k: v for k, v in fields.items() if k in known}))
+        if component != "unet":  # the file spells CLIP modules with text_model.
+            state = {_clip_key(module, k): v for k, v in state.items()}
+        result = set_peft_model_state_dict(module, state, adapter_name="default")
+        if result.unexpected_keys:
+            raise LoraFileError(f"{component}: adapter keys not placed, e.g. "
+                                f"{result.unexpected_keys[0]}")
+
+
+def _clip_key(module: Any, key: str) -> str:
+    """``text_model.encoder...`` as the loaded CLIP model names it (with or without)."""
+    names = {n for n, _ in module.named_modules()}
+    bare = key.removeprefix("text_model.")
+    return key if key.rsplit(".", 1)[0] in names else bare

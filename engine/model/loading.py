@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +21,15 @@ import torch
 
 from engine.errors import ConfigurationError, LoraflowError
 from engine.model import hub
+from engine.model.components import check_overrides, component_dtype, source_of
 from engine.model.family import Family, detect_family
 from engine.model.precision import weight_dtype
-from engine.task.definition import DEFAULT_TEXT_TARGET_MODULES, ModelArgs, TaskDefinition
+from engine.task.definition import (
+    DEFAULT_CONV_TARGET_MODULES,
+    DEFAULT_TEXT_TARGET_MODULES,
+    ModelArgs,
+    TaskDefinition,
+)
 from engine.train.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -123,21 +130,25 @@ def load_base_model(
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     location, family = inspect_model(task.model)
+    check_overrides(task.model, location, family)  # before any weight is read
     dtype = weight_dtype(task.mixed_precision, device)
     common = {"revision": task.model.revision, "variant": task.model.variant}
 
     def load(cls: Any, subfolder: str, **extra: Any) -> Any:
+        source = source_of(task.model, location, subfolder)
+        if source.overridden:  # another folder or repository: its own revision and files
+            where = f"{source.field} {source.given!r}"
+            kwargs = {"subfolder": source.subfolder} if source.subfolder else {}
+        else:
+            where = f"{subfolder}/ of model {task.model.name!r} (variant {task.model.variant!r})"
+            kwargs = {"subfolder": subfolder, **common}
         try:
-            return cls.from_pretrained(
-                location, subfolder=subfolder, use_safetensors=True, **common, **extra
-            )
+            return cls.from_pretrained(source.location, use_safetensors=True, **kwargs, **extra)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"cannot load {subfolder}/ of model {task.model.name!r} "
-                f"(variant {task.model.variant!r}): {exc}{hub.explain(exc)}"
-            ) from None
+            raise ModelLoadError(f"cannot load {where}: {exc}{hub.explain(exc)}") from None
 
-    unet = load(UNet2DConditionModel, "unet", torch_dtype=dtype)
+    unet = load(UNet2DConditionModel, "unet",
+                torch_dtype=component_dtype(task.model, "unet", dtype, device))
     unet.requires_grad_(False)
     with _refused(f"scheduler/ of model {task.model.name!r}"):
         scheduler = DDPMScheduler.from_pretrained(
@@ -145,16 +156,22 @@ def load_base_model(
         )
     base = BaseModel(location, family, device, dtype, unet, scheduler)
     if with_vae:
-        base.vae = load_vae(task, location, dtype, load).to(device).eval()
+        vae_dtype = component_dtype(task.model, "vae", dtype, device) if task.model.vae_dtype \
+            else dtype
+        base.vae = load_vae(task, location, vae_dtype, load).to(device).eval()
         base.vae.requires_grad_(False)
     if with_text:
         for i, (tok_dir, enc_dir) in enumerate(family.text_encoders):
-            with _refused(f"{tok_dir}/ of model {task.model.name!r}"):
+            tok = source_of(task.model, location, tok_dir)
+            with _refused(f"{tok_dir}/ of model {task.model.name!r}" if not tok.overridden
+                          else f"{tok.field} {tok.given!r}"):
                 base.tokenizers.append(AutoTokenizer.from_pretrained(
-                    location, subfolder=tok_dir, revision=task.model.revision
+                    tok.location, subfolder=tok.subfolder or "",
+                    **({} if tok.overridden else {"revision": task.model.revision})
                 ))
             cls = CLIPTextModelWithProjection if (family.is_sdxl and i == 1) else CLIPTextModel
-            encoder = load(cls, enc_dir, dtype=dtype).to(device).eval()
+            enc_dtype = component_dtype(task.model, enc_dir, dtype, device)
+            encoder = load(cls, enc_dir, dtype=enc_dtype).to(device).eval()
             encoder.requires_grad_(False)
             base.text_encoders.append(encoder)
     return base
@@ -170,14 +187,17 @@ def load_vae(task: TaskDefinition, location: str, dtype: torch.dtype, load: Any)
     from diffusers import AutoencoderKL
 
     if task.model.vae is None:
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        upcast = dtype == torch.float16 and task.model.vae_dtype is None  # model.vae_dtype wins
+        vae_dtype = torch.float32 if upcast else dtype
         return load(AutoencoderKL, "vae", torch_dtype=vae_dtype)
     from engine.model.embedded.registry import resolve_model
 
     vae_location = resolve_model(task.model.vae)
     require_available(task.model.vae, vae_location, None, "config.json", "the VAE (model.vae)")
     try:
-        return AutoencoderKL.from_pretrained(vae_location, torch_dtype=dtype, use_safetensors=True)
+        sub = source_of(task.model, location, "vae").subfolder  # a whole model folder: vae/
+        return AutoencoderKL.from_pretrained(vae_location, torch_dtype=dtype, use_safetensors=True,
+                                             **({"subfolder": sub} if sub else {}))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load the VAE {task.model.vae!r} (model.vae): {exc}{hub.explain(exc)}"
@@ -188,28 +208,56 @@ def load_vae(task: TaskDefinition, location: str, dtype: torch.dtype, load: Any)
 
 
 def lora_config(task: TaskDefinition) -> Any:
-    from peft import LoraConfig
-
-    init = task.lora.init_lora_weights
-    return LoraConfig(
-        r=task.lora.rank,
-        lora_alpha=task.lora_alpha,
-        init_lora_weights=init,
-        target_modules=task.target_modules,
-    )
+    """The UNet adapter's PEFT config; ``lora.conv`` adds the convolutions (LoCon)."""
+    targets = task.target_modules
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    conv = task.lora.conv
+    if conv is not None:
+        conv_targets = list(conv.target_modules or DEFAULT_CONV_TARGET_MODULES)
+        if isinstance(targets, str):
+            names = "|".join(re.escape(t) for t in conv_targets)
+            targets = rf"(?:{targets})|(?:(?:.*\.)?(?:{names}))"
+        else:
+            targets = [*targets, *(t for t in conv_targets if t not in targets)]
+        for target in conv_targets:  # PEFT matches these as suffixes of module names
+            pattern = re.escape(target)
+            ranks[pattern] = conv.rank
+            alphas[pattern] = conv.alpha if conv.alpha is not None else float(conv.rank)
+    return adapter_config(task.lora.type, task.lora.rank, task.lora_alpha, targets,
+                          task.lora.init_lora_weights, task.lora.lokr_factor, ranks, alphas)
 
 
 def text_lora_config(task: TaskDefinition) -> Any:
-    from peft import LoraConfig
-
     te = task.lora.text_encoder
     assert te is not None
-    return LoraConfig(
-        r=te.rank,
-        lora_alpha=te.alpha if te.alpha is not None else float(te.rank),
-        init_lora_weights=task.lora.init_lora_weights,
-        target_modules=te.target_modules or list(DEFAULT_TEXT_TARGET_MODULES),
+    return adapter_config(
+        task.lora.type, te.rank, te.alpha if te.alpha is not None else float(te.rank),
+        te.target_modules or list(DEFAULT_TEXT_TARGET_MODULES), task.lora.init_lora_weights,
+        task.lora.lokr_factor, {}, {},
     )
+
+
+def adapter_config(kind: str, rank: int, alpha: float, targets: list[str] | str, init: Any,
+                   lokr_factor: int, ranks: dict[str, int], alphas: dict[str, float]) -> Any:
+    """PEFT's config for one adapter type. LoRA's stays exactly as before (no patterns
+    passed when there are none), so a task without the new fields trains the same bits."""
+    import peft
+
+    patterns: dict[str, Any] = {"rank_pattern": ranks, "alpha_pattern": alphas} if ranks else {}
+    if kind in ("lora", "dora"):
+        extra = {"use_dora": True} if kind == "dora" else {}
+        return peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                               target_modules=targets, **patterns, **extra)
+    if init not in (True, False):
+        raise ConfigurationError(
+            f"lora.init_lora_weights {init!r} is a LoRA initialisation; {kind} takes true/false"
+        )
+    if kind == "loha":
+        return peft.LoHaConfig(r=rank, alpha=alpha, init_weights=init, target_modules=targets,
+                               **patterns)
+    return peft.LoKrConfig(r=rank, alpha=alpha, init_weights=init, target_modules=targets,
+                           decompose_factor=lokr_factor, **patterns)
 
 
 def _attach(module: Any, config: Any, seed: int, index: int, what: str, pointer: str) -> None:
@@ -250,7 +298,15 @@ def add_lora_adapters(base: BaseModel, task: TaskDefinition) -> dict[str, Any]:
 
 def lora_parameters(module: Any) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA parameters by name, in a stable (sorted) order."""
-    params = {n: p for n, p in module.named_parameters() if "lora_" in n}
+    params = {n: p for n, p in module.named_parameters() if is_adapter_parameter(n)}
     for param in params.values():
         param.requires_grad_(True)
     return dict(sorted(params.items()))
+
+
+#: What PEFT's LoRA / DoRA, LoHa and LoKr layers name their trainable tensors.
+ADAPTER_PARAMETER_MARKS = ("lora_", "hada_", "lokr_")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(mark in name for mark in ADAPTER_PARAMETER_MARKS)

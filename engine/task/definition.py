@@ -59,7 +59,15 @@ class _Strict(BaseModel):
         return out
 
 
+ComponentDtype = Literal["fp32", "fp16", "bf16"]
+
+
 class ModelArgs(_Strict):
+    _omit_when_default = frozenset({
+        "unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+        "unet_dtype", "vae_dtype", "text_encoder_dtype", "text_encoder_2_dtype",
+    })
+
     name: str = Field(
         min_length=1,
         description="Hub model ID or local path of a diffusers-format SD 1.x / 2.x / SDXL model. "
@@ -75,6 +83,38 @@ class ModelArgs(_Strict):
         description="loraflow: a VAE (Hub ID or local diffusers folder) to use instead of the "
         "model's, e.g. a fixed SDXL VAE that does not overflow in fp16. null: the model's own "
         "VAE (SDXL's is then run in fp32 under fp16 training).",
+    )
+    unet: str | None = Field(
+        None, min_length=1,
+        description="loraflow: a UNet (Hub ID or local diffusers folder with config.json) to "
+        "use instead of the model's; it must be of the model's family.",
+    )
+    text_encoder: str | None = Field(
+        None, min_length=1,
+        description="loraflow: a text encoder (Hub ID or local transformers folder) instead of "
+        "the model's; it must be of the model's family (refused otherwise, before loading).",
+    )
+    text_encoder_2: str | None = Field(
+        None, min_length=1, description="loraflow: SDXL only: the second text encoder."
+    )
+    tokenizer: str | None = Field(
+        None, min_length=1, description="loraflow: a tokenizer folder or ID instead of the model's."
+    )
+    tokenizer_2: str | None = Field(
+        None, min_length=1, description="loraflow: SDXL only: the second tokenizer."
+    )
+    unet_dtype: ComponentDtype | None = Field(
+        None, description="loraflow: dtype of the frozen UNet; null: mixed_precision's."
+    )
+    vae_dtype: ComponentDtype | None = Field(
+        None, description="loraflow: dtype of the VAE; null: as mixed_precision and model.vae "
+        "say (fp32 for the model's own VAE under fp16).",
+    )
+    text_encoder_dtype: ComponentDtype | None = Field(
+        None, description="loraflow: dtype of the frozen text encoder; null: mixed_precision's."
+    )
+    text_encoder_2_dtype: ComponentDtype | None = Field(
+        None, description="loraflow: SDXL only: dtype of the second text encoder."
     )
 
 
@@ -254,6 +294,8 @@ class DatasetArgs(_Strict):
 
 
 class ValidationArgs(_Strict):
+    _omit_when_default = frozenset({"validation_steps", "prompts_file", "dataset_file"})
+
     prompt: str | None = Field(
         None,
         description="Prompt for validation images; null draws num_images captions from the "
@@ -266,6 +308,28 @@ class ValidationArgs(_Strict):
     )
     guidance_scale: float = Field(
         7.5, ge=0, le=100, description="loraflow: classifier-free guidance scale for validation."
+    )
+    validation_steps: int | None = Field(
+        None,
+        ge=1,
+        description="loraflow: also validate the committed checkpoint every this many "
+        "optimizer steps (images and a held-out loss under output_dir/validation/step-N/), "
+        "in a separate task outside the segments' time budget. Needs "
+        "train_args.checkpointing_steps dividing it. null: only at the end.",
+    )
+    prompts_file: str | None = Field(
+        None,
+        min_length=1,
+        description="loraflow: a text file (path or URL), one validation prompt per line; "
+        "instead of prompt.",
+    )
+    dataset_file: str | None = Field(
+        None,
+        min_length=1,
+        description="loraflow: a validation set (csv, json, jsonl, parquet, arrow) with a "
+        "prompt column and optional negative_prompt, seed, width/height (or size), steps, "
+        "guidance_scale and image (relative to the file: the held-out loss is computed on "
+        "these images and prompts); instead of prompt.",
     )
 
 
@@ -281,8 +345,121 @@ class AdamOptimizerArgs(_Strict):
     epsilon: float = Field(1e-8, gt=0)
 
 
+class AdamW8bitArgs(_Strict):
+    """loraflow addition: bitsandbytes' AdamW8bit: both moments kept in 8 bits (blockwise
+    quantized), about a quarter of AdamW's optimizer memory. Betas, epsilon and weight
+    decay are ``train_args.adam_args``. Needs the ``loraflow[bnb]`` extra; a device
+    bitsandbytes cannot run it on is refused before any model is loaded."""
+
+    min_8bit_size: int = Field(
+        4096, ge=1, description="Weights with fewer elements keep 32-bit moments."
+    )
+
+
+class ProdigyArgs(_Strict):
+    """loraflow addition: Prodigy (prodigyopt), which estimates the step size itself: set
+    ``learning_rate`` to 1.0 (a multiplier of its estimate) and use a constant schedule.
+    Betas, epsilon and weight decay are ``train_args.adam_args``. Needs
+    ``loraflow[optimizers]``."""
+
+    d0: float = Field(1e-6, gt=0, description="Initial step-size estimate.")
+    d_coef: float = Field(1.0, gt=0, description="Multiplier of the estimated step size.")
+    growth_rate: float | None = Field(
+        None, gt=1, description="Most the estimate may grow per step (factor); null: no limit."
+    )
+    beta3: float | None = Field(
+        None, ge=0, lt=1, description="Step-size estimate decay; null: sqrt(beta2)."
+    )
+    use_bias_correction: bool = Field(False, description="Adam's bias correction.")
+    safeguard_warmup: bool = Field(False, description="Keep the estimate small during warmup.")
+    decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
+
+
+class AdafactorArgs(_Strict):
+    """loraflow addition: transformers' Adafactor with a given learning rate (factored
+    second moments: the least optimizer memory). Its own options; adam_args is unused."""
+
+    scale_parameter: bool = Field(False, description="Scale the lr by each weight's RMS.")
+    clip_threshold: float = Field(1.0, gt=0, description="Update clipping threshold.")
+    decay_rate: float = Field(-0.8, lt=0, description="Second-moment decay exponent.")
+    beta1: float | None = Field(
+        None, ge=0, lt=1, description="First-moment decay; null: none kept (less memory)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    eps1: float = Field(1e-30, gt=0, description="Regulariser of the squared gradient.")
+    eps2: float = Field(1e-3, gt=0, description="Regulariser of the parameter scale.")
+
+
+class ScheduleFreeAdamWArgs(_Strict):
+    """loraflow addition: schedule-free AdamW (schedulefree): no lr decay needed (use a
+    constant schedule); the weights published and checkpointed are its averaged (eval)
+    weights. Betas, epsilon and weight decay are ``train_args.adam_args``. Needs
+    ``loraflow[optimizers]``."""
+
+    warmup_steps: int = Field(0, ge=0, description="Its own linear lr warmup, in steps.")
+    r: float = Field(0.0, ge=0, description="Polynomial weighting power of the average.")
+    weight_lr_power: float = Field(
+        2.0, ge=0, description="How much a step's lr weighs in the average."
+    )
+
+
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "schedule_free_adamw"]
+
+
+class OptimizerArgs(_Strict):
+    """loraflow addition: the optimizer, by name, and that optimizer's own options in the
+    section of the same name (only that one may be given; left out: its defaults).
+    ``adamw`` (the default, torch's) has no section: ``train_args.adam_args`` is its."""
+
+    name: OptimizerName = Field(
+        "adamw", description="adamw, adamw8bit, prodigy, adafactor or schedule_free_adamw."
+    )
+    adamw8bit: AdamW8bitArgs | None = Field(None, description="Options of adamw8bit.")
+    prodigy: ProdigyArgs | None = Field(None, description="Options of prodigy.")
+    adafactor: AdafactorArgs | None = Field(None, description="Options of adafactor.")
+    schedule_free_adamw: ScheduleFreeAdamWArgs | None = Field(
+        None, description="Options of schedule_free_adamw."
+    )
+
+    @model_validator(mode="after")
+    def _only_the_named_section(self) -> OptimizerArgs:
+        for section in ("adamw8bit", "prodigy", "adafactor", "schedule_free_adamw"):
+            if getattr(self, section) is not None and section != self.name:
+                raise ValueError(f"options for {section} are given but the optimizer is "
+                                 f"{self.name!r}: set name to {section!r} or drop them")
+        return self
+
+    @property
+    def options(self) -> _Strict | None:
+        """The chosen optimizer's options (its section, or its defaults); None for adamw."""
+        classes = {"adamw8bit": AdamW8bitArgs, "prodigy": ProdigyArgs,
+                   "adafactor": AdafactorArgs, "schedule_free_adamw": ScheduleFreeAdamWArgs}
+        if self.name not in classes:
+            return None
+        return getattr(self, self.name) or classes[self.name]()
+
+class EmaArgs(_Strict):
+    """loraflow addition: an exponential moving average of the trained weights, kept in
+    every checkpoint. After step s: at s <= start_step it is the weights themselves, then
+    every ``update_every`` steps ema = decay * ema + (1 - decay) * weights."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="Weight of the average per update.")
+    start_step: int = Field(0, ge=0, description="Global step the averaging starts after.")
+    update_every: int = Field(1, ge=1, description="Update the average every this many steps.")
+    publish: Literal["ema", "raw"] = Field(
+        "ema",
+        description="Which weights the published files (pytorch_lora_weights.safetensors, "
+        "the kohya file) hold: the average or the last step's raw weights.",
+    )
+    publish_both: bool = Field(
+        False,
+        description="Also publish the other weights, in files named with _raw or _ema "
+        "(pytorch_lora_weights_raw.safetensors, ...).",
+    )
+
+
 class TrainArgs(_Strict):
-    _omit_when_default = frozenset({"buckets"})
+    _omit_when_default = frozenset({"optimizer", "ema", "buckets", "cached_crops"})
 
     learning_rate: float = Field(1e-4, gt=0, description="Initial learning rate after warmup.")
     batch_size: int = Field(16, ge=1, description="Samples per micro-batch.")
@@ -338,6 +515,16 @@ class TrainArgs(_Strict):
         description="loraflow: keep only the newest this many in-segment checkpoints; older "
         "ones are deleted only after a newer one is committed. null: keep all.",
     )
+    cached_crops: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="loraflow: with random crop, crop each image at this many positions of "
+        "its own (drawn once per image from the seed) and pick one per use, so the latents "
+        "can be cached (this many per orientation). Unlike plain random crop, which draws "
+        "a new position each use, an image is seen at these positions only. Same result "
+        "with the cache on or off. null: a new random crop each use, encoded live.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="loraflow: recompute UNet activations in the backward pass: much less "
@@ -352,6 +539,16 @@ class TrainArgs(_Strict):
         None,
         description="loraflow: aspect-ratio bucketing of every subset (a subset may set its "
         "own). null: every image is resized and cropped to one square of resolution.",
+    )
+    optimizer: OptimizerArgs = Field(
+        default_factory=OptimizerArgs,
+        description="loraflow: the optimizer and its own options, by name: adamw (default), "
+        "adamw8bit, prodigy, adafactor, schedule_free_adamw.",
+    )
+    ema: EmaArgs | None = Field(
+        None,
+        description="loraflow: keep an exponential moving average of the trained weights "
+        "and publish it (or the raw weights, or both). null: no average.",
     )
 
 
@@ -372,7 +569,30 @@ class TextEncoderLoraArgs(_Strict):
     )
 
 
+AdapterType = Literal["lora", "loha", "lokr", "dora"]
+#: The UNet convolutions adapted when ``lora.conv`` is set without target_modules (LoCon:
+#: the resnets' and samplers' convolutions, as kohya's LoCon / LyCORIS adapt them).
+DEFAULT_CONV_TARGET_MODULES: tuple[str, ...] = (
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"
+)
+
+
+class ConvLoraArgs(_Strict):
+    """loraflow addition: adapt the UNet's convolutions too (LoCon), at their own rank."""
+
+    rank: int = Field(4, ge=1, le=1024, description="Rank of the convolution adapters.")
+    alpha: float | None = Field(None, gt=0, description="Their alpha; null: alpha = rank.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Convolution modules to adapt; null: conv1, conv2, conv_shortcut, "
+        "downsamplers.0.conv, upsamplers.0.conv.",
+    )
+
+
 class LoraArgs(_Strict):
+    _omit_when_default = frozenset({"type", "conv", "lokr_factor"})
+
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     init_lora_weights: bool | Literal["gaussian", "loftq"] = Field(
         True, description="PEFT initialisation of the adapter."
@@ -394,6 +614,23 @@ class LoraArgs(_Strict):
         description="loraflow: also train a LoRA on the text encoder(s); this turns off the "
         "caption-embedding cache for the run (latents stay cached). null: UNet only.",
     )
+    type: AdapterType = Field(
+        "lora",
+        description="loraflow: the adapter: lora, loha (LyCORIS Hadamard product), lokr "
+        "(LyCORIS Kronecker product) or dora (weight-decomposed LoRA), trained through PEFT, "
+        "on the UNet and the text encoders alike. loha and lokr publish the LyCORIS (kohya) "
+        "file only: diffusers does not load them.",
+    )
+    conv: ConvLoraArgs | None = Field(
+        None,
+        description="loraflow: also adapt the UNet's convolutions (LoCon), with their own "
+        "rank and alpha. null: only lora.target_modules.",
+    )
+    lokr_factor: int = Field(
+        -1,
+        description="loraflow: LoKr's Kronecker factor (PEFT decompose_factor); -1: the "
+        "factor nearest the square root of each dimension.",
+    )
 
 
 class TransformArgs(_Strict):
@@ -413,6 +650,19 @@ class OutputArgs(_Strict):
     )
 
 
+class FullFinetuneArgs(_Strict):
+    """loraflow addition: what a full fine-tune (``training_type: "full"``) trains."""
+
+    train_text_encoder: bool = Field(
+        False,
+        description="Also train every weight of the text encoder(s) (both for SDXL); this "
+        "turns off the caption-embedding cache for the run.",
+    )
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the text encoder(s); null: the UNet's."
+    )
+
+
 class TaskDefinition(_Strict):
     """A whole fine-tuning task, as a Crynux node receives it."""
 
@@ -420,7 +670,7 @@ class TaskDefinition(_Strict):
         extra="forbid", validate_assignment=True, title="FinetuneLoraTaskArgs"
     )
 
-    _omit_when_default = frozenset({"datasets"})
+    _omit_when_default = frozenset({"datasets", "training_type", "full_finetune"})
 
     model: ModelArgs = Field(description="The pretrained base model.")
     dataset: DatasetArgs | None = Field(
@@ -459,6 +709,33 @@ class TaskDefinition(_Strict):
         "loss weight, captions and resolution; instead of dataset.",
     )
 
+    training_type: Literal["lora", "full"] = Field(
+        "lora",
+        description="loraflow: 'lora' trains a LoRA adapter (Crynux's task); 'full' trains "
+        "every UNet weight (see full_finetune) and publishes a whole model.",
+    )
+    full_finetune: FullFinetuneArgs = Field(
+        default_factory=FullFinetuneArgs,
+        description="loraflow: settings of training_type 'full'.",
+    )
+
+    @model_validator(mode="after")
+    def _full_or_lora(self) -> TaskDefinition:
+        if self.training_type == "full" and self.lora.text_encoder is not None:
+            raise ValueError("lora.text_encoder is for training_type 'lora'; a full fine-tune "
+                             "trains the text encoder with full_finetune.train_text_encoder")
+        if self.training_type == "lora" and self.full_finetune != FullFinetuneArgs():
+            raise ValueError("full_finetune is set but training_type is 'lora': set "
+                             "training_type to 'full' or remove full_finetune")
+        return self
+
+    @model_validator(mode="after")
+    def _cached_crops_need_random_crop(self) -> TaskDefinition:
+        if self.train_args.cached_crops is not None and self.transforms.center_crop:
+            raise ValueError("train_args.cached_crops is for random crop; with "
+                             "transforms.center_crop the one center crop is cached already")
+        return self
+
     @model_validator(mode="after")
     def _one_dataset_section(self) -> TaskDefinition:
         if (self.dataset is None) == (self.datasets is None):
@@ -472,6 +749,14 @@ class TaskDefinition(_Strict):
     def subsets(self) -> list[DatasetArgs]:
         """The data sources: ``datasets``, or the one ``dataset`` (a Crynux task)."""
         return list(self.datasets) if self.datasets is not None else [self.dataset]
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Text encoder weights learn (a LoRA on them, or a full fine-tune of them): captions
+        are then encoded every step, with gradients, never from the cache."""
+        if self.training_type == "full":
+            return self.full_finetune.train_text_encoder
+        return self.lora.text_encoder is not None
 
     @property
     def lora_alpha(self) -> float:

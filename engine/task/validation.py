@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from engine.errors import LoraflowError
 from engine.store import storage
 from engine.store.storage import StorageError
-from engine.task.definition import DatasetArgs, TaskDefinition
+from engine.task.definition import DatasetArgs, OutputArgs, TaskDefinition
 from engine.task.migration import UnknownVersionError, migrate
 
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -326,9 +326,39 @@ def cross_field_problems(task: TaskDefinition) -> list[Problem]:
         )
     if task.validation.prompt is not None and not task.validation.prompt.strip():
         add("/validation/prompt", "must not be empty; use null to draw prompts from captions")
+    from engine.infer.validation_set import schedule_problems  # noqa: PLC0415 - no cycle
+
+    problems += [Problem(pointer, message) for pointer, message in schedule_problems(task)]
     formats = task.output.lora_formats
     if len(set(formats)) != len(formats):
         add("/output/lora_formats", "lists a format more than once")
+    if task.training_type == "full":
+        problems += full_finetune_problems(task)
+    return problems
+
+
+def full_finetune_problems(task: TaskDefinition) -> list[Problem]:
+    """LoRA-only options given to a full fine-tune, which would be silently ignored.
+
+    (``lora.text_encoder`` is refused by the schema already.) ``output.lora_formats`` is
+    refused when it differs from its default: a task sent through Prefect arrives with
+    every field set, so "given" cannot be told from "default" there.
+    """
+    full = "a full fine-tune (training_type 'full')"
+    problems = []
+    if task.output.lora_formats != OutputArgs().lora_formats:
+        problems.append(Problem("/output/lora_formats", f"is for LoRA files; {full} publishes "
+                                "model/diffusers/ and one single-file checkpoint: remove it"))
+    if task.lora.type != "lora":
+        problems.append(Problem("/lora/type", f"is {task.lora.type!r}, an adapter; {full} "
+                                "trains no adapter: remove it or set training_type 'lora'"))
+    if task.lora.conv is not None:
+        problems.append(Problem("/lora/conv", f"adapts convolutions with LoRA; {full} trains "
+                                "every UNet weight already: remove it"))
+    ema = task.train_args.ema
+    if ema is not None and ema.publish_both:
+        problems.append(Problem("/train_args/ema/publish_both", f"{full} publishes one "
+                                "model, the ema.publish weights: set publish_both to false"))
     return problems
 
 
@@ -388,9 +418,10 @@ def validate_document(doc: Any, source: str = "task") -> TaskDefinition:
 
 def _dataset_sections(doc: dict[str, Any]) -> list[Problem]:
     """Exactly one of ``dataset`` (a Crynux task's one source) and ``datasets``."""
-    if "dataset" not in doc and "datasets" not in doc:
+    given = [k for k in ("dataset", "datasets") if doc.get(k) is not None]  # null: not set
+    if not given:
         return [Problem("/dataset", "required field is missing")]
-    if "dataset" in doc and "datasets" in doc:
+    if len(given) == 2:
         return [Problem("/datasets", "set exactly one of dataset (one source) and datasets "
                                      "(several subsets), not both")]
     return []

@@ -21,11 +21,13 @@ What is cached:
   NOT cached (the orders are too many to list): captions are encoded live each step,
   and a log line says so. Latents are still cached.
 - latents: the VAE posterior (mean, std) of each image at its bucket's size (center
-  crop), for both orientations when random_flip is on. Only with center crop: a random
-  crop differs every epoch, so with random crop the latents are encoded live each step
-  (the text stays cached). The posterior sample itself is drawn at training time from
-  the sample's own generator, so training from the cache gives the same bits as
-  encoding every step.
+  crop), for both orientations when random_flip is on. With random crop, only when
+  ``train_args.cached_crops`` = K is set: then the posterior of each of the image's K
+  crop positions (:func:`engine.train.samples.crop_candidates`, drawn once per image,
+  per bucket), each orientation. Plain random crop differs every use, so its latents
+  are encoded live each step (the text stays cached). The posterior sample itself is
+  drawn at training time from the sample's own generator, so training from the cache
+  gives the same bits as encoding every step.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from safetensors.torch import load as load_tensors
 from engine.data.buckets import Bucket
 from engine.data.training_data import SubsetSettings
 from engine.data.transforms import apply_crop, plan_crop
+from engine.model.components import override_settings
 from engine.store import storage
 from engine.store.commit import (
     CommitError,
@@ -54,7 +57,13 @@ from engine.store.safetensors_io import dump
 from engine.task.definition import CaptionArgs, TaskDefinition
 from engine.train.bucket_sides import check_bucket_sides
 from engine.train.caption_rules import caption_variants
-from engine.train.samples import encode_caption, encode_image, training_data
+from engine.train.samples import (
+    crop_candidates,
+    encode_caption,
+    encode_image,
+    placement,
+    training_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +73,16 @@ CACHE = FolderKind(CACHE_FORMAT, "cache", {"fingerprint": str})
 
 
 def caches_latents(task: TaskDefinition) -> bool:
-    """Latents can be cached only when the crop is the same every epoch."""
-    return task.train_args.cache == "auto" and task.transforms.center_crop and not streams(task)
+    """Latents can be cached only when the crops are known before training: the center
+    crop, or the fixed positions of ``cached_crops``."""
+    fixed = task.transforms.center_crop or task.train_args.cached_crops is not None
+    return task.train_args.cache == "auto" and fixed and not streams(task)
 
 
 def caches_text(task: TaskDefinition) -> bool:
     """Caption embeddings are fixed only while the text encoders are frozen, and listable
     only while no subset shuffles tags."""
-    return (task.train_args.cache == "auto" and task.lora.text_encoder is None
+    return (task.train_args.cache == "auto" and not task.trains_text_encoder
             and not shuffles_tags(task) and not streams(task))
 
 
@@ -121,6 +132,12 @@ def cache_fingerprint(task: TaskDefinition, model_identity: str, dataset_hash: s
     subsets = _subset_keys(task)
     if subsets is not None:
         key["subsets"] = subsets
+    components = override_settings(task.model)
+    if components:  # other text encoders / VAE / dtypes encode other latents and embeddings
+        key["components"] = components
+    if ta.cached_crops is not None:  # absent otherwise: older tasks keep their fingerprint
+        key["cached_crops"] = ta.cached_crops
+        key["seed"] = task.seed  # the crop positions are drawn from it
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -139,8 +156,11 @@ class Cache:
     has_text: bool = False
     built_now: bool = False  # True when this call encoded the data (for tests and logs)
 
-    def latent(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.latents[f"{index}.{int(flip)}.mean"], self.latents[f"{index}.{int(flip)}.std"]
+    def latent(self, index: int, flip: bool,
+               crop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of image ``index`` (``crop``: which of its cached crop positions)."""
+        key = latent_key(index, flip, crop)
+        return self.latents[f"{key}.mean"], self.latents[f"{key}.std"]
 
     def text(self, caption: str) -> dict[str, torch.Tensor]:
         prefix = caption_key(caption) + "."
@@ -149,6 +169,12 @@ class Cache:
             raise KeyError(f"caption {caption[:60]!r} is not in the cache at {self.address}; "
                            "the cache holds every caption variant, so this is a bug")
         return found
+
+
+def latent_key(index: int, flip: bool, crop: int | None = None) -> str:
+    """``<index>.<flip>`` for the center crop (the keys caches always had), else
+    ``<index>.c<crop>.<flip>``."""
+    return f"{index}.{int(flip)}" if crop is None else f"{index}.c{crop}.{int(flip)}"
 
 
 def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -163,13 +189,23 @@ def build_cache_files(
     files: dict[str, bytes] = {}
     if caches_latents(task):
         flips = (False, True) if task.transforms.random_flip else (False,)
+        count = None if task.transforms.center_crop else task.train_args.cached_crops
+        where = placement(base.vae)
         latents: dict[str, torch.Tensor] = {}
         for i in range(len(data)):
-            crop = plan_crop(data.size(i), data.bucket(i), center=True, generator=None)
+            if count is None:
+                crops: list[tuple[int | None, Any]] = [
+                    (None, plan_crop(data.size(i), data.bucket(i), center=True, generator=None))
+                ]
+            else:
+                candidates = crop_candidates(data.size(i), data.bucket(i), count, task.seed, i)
+                crops = list(enumerate(candidates))
             image = data.image(i)
-            for flip in flips:
-                mean, std = encode_image(base.vae, apply_crop(image, crop, flip=flip))
-                latents[f"{i}.{int(flip)}.mean"], latents[f"{i}.{int(flip)}.std"] = mean, std
+            for choice, crop in crops:
+                for flip in flips:
+                    mean, std = encode_image(base.vae, apply_crop(image, crop, flip=flip), where)
+                    key = latent_key(i, flip, choice)
+                    latents[f"{key}.mean"], latents[f"{key}.std"] = mean, std
             if progress:
                 progress(i + 1, len(data))
         files["latents.safetensors"] = _tensors_bytes(latents)

@@ -27,6 +27,8 @@ from engine.store.commit import (
     write_finish_marker,
 )
 from engine.train.clock import SegmentClock
+from engine.train.ema import restore_ema
+from engine.train.full_finetune import WEIGHTS_FILE, restore_weights
 from engine.train.options import SegmentResult, StopReason
 from engine.train.plan import TrainingPlan
 from engine.train.saver import FINAL_DIR, INTERMEDIATE_DIR, segment_dir_of
@@ -155,7 +157,14 @@ def restore(tr: Trainer, loaded: LoadedCheckpoint) -> dict[str, Any]:
     """
     try:
         state = checkpoint_state(loaded)
-        restore_lora(loaded.files[LORA_FILE], tr.adapted)
+        if tr.full:  # every trained weight, by name (engine/train/full_finetune.py)
+            restore_weights(loaded.files[WEIGHTS_FILE], tr.params)
+            restore_ema(tr.ema, tr.params, loaded.files,
+                        lambda data: restore_weights(data, tr.params))
+        else:
+            restore_lora(loaded.files[LORA_FILE], tr.adapted)
+            restore_ema(tr.ema, tr.params, loaded.files,
+                        lambda data: restore_lora(data, tr.adapted))
         restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE],
                           state["optimizer"])
         restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])

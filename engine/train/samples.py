@@ -8,6 +8,20 @@ either live (VAE + text encoder, one sample at a time) or looked up in the cache
 was filled by the very same per-sample encoding functions: so both paths give the same
 bits.
 
+Why one sample at a time: on CPU a batch goes through other convolution and matmul
+kernels than a single sample (measured on tiny-sd1: VAE posterior means differ by up to
+2e-6, text embeddings by 6e-8), so batched encoding would make a sample's latent depend
+on its batch mates, and the live path would stop matching the cache. The live path is
+made cheap otherwise: the VAE's device and dtype are read once (diffusers walks every
+module to answer them), and a caption that occurs twice in a micro-batch is encoded once.
+
+Random crop with ``train_args.cached_crops`` = K: each example has K crop positions of
+its own, drawn once from ``generator(seed, "crop_candidates", index)`` (the same in
+every epoch and segment); each use picks one of them with its ``"crop"`` generator. So
+their latents can be cached (K per orientation) and a run from the cache equals the same
+task with the cache off, bit for bit. It is a different augmentation from live random
+crop, which draws a fresh position for every use: K positions per image, not all.
+
 The dataset is an :class:`engine.data.training_data.TrainingData`: each example's bucket,
 resolution, caption rules and loss weight are its subset's. A micro-batch holds one
 bucket (the plan groups samples so); SDXL's time ids of each sample are its image's true
@@ -18,6 +32,7 @@ bucket (the plan groups samples so); SDXL's time ids of each sample are its imag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -45,6 +60,8 @@ class SampleSettings:
     random_flip: bool
     noise_offset: float
     trains_text: bool  # a text-encoder LoRA learns: captions are encoded with gradients
+    #: random crop among this many fixed positions per example (cacheable); None: live
+    cached_crops: int | None = None
 
     @classmethod
     def for_task(cls, task: TaskDefinition) -> SampleSettings:
@@ -52,7 +69,8 @@ class SampleSettings:
         return cls(
             seed=task.seed, resolution=ta.resolution, center_crop=task.transforms.center_crop,
             random_flip=task.transforms.random_flip, noise_offset=ta.noise_offset,
-            trains_text=task.lora.text_encoder is not None,
+            trains_text=task.trains_text_encoder,
+            cached_crops=None if task.transforms.center_crop else ta.cached_crops,
         )
 
 
@@ -61,6 +79,8 @@ class SampleDecisions:
     caption: str
     crop: CropPlan
     flip: bool
+    #: which of the example's cached crop positions (``cached_crops``); None otherwise
+    crop_choice: int | None = None
 
 
 def decide(captions: list[str], image_size: tuple[int, int], ref: SampleRef,
@@ -73,16 +93,29 @@ def decide(captions: list[str], image_size: tuple[int, int], ref: SampleRef,
     """
     seed = settings.seed
     caption = caption_for(captions, rules or CaptionArgs(), seed, ref.epoch, ref.key)
-    crop = plan_crop(
-        image_size,
-        bucket or settings.resolution,
-        center=settings.center_crop,
-        generator=generator(seed, "crop", ref.epoch, ref.key),
-    )
+    target = bucket or settings.resolution
+    choice = None
+    if settings.center_crop:  # nothing is drawn: no generator to build
+        crop = plan_crop(image_size, target, center=True, generator=None)
+    elif settings.cached_crops:
+        crop_generator = generator(seed, "crop", ref.epoch, ref.key)
+        choice = int(torch.randint(0, settings.cached_crops, (1,), generator=crop_generator))
+        crop = crop_candidates(image_size, target, settings.cached_crops, seed, ref.index)[choice]
+    else:
+        crop = plan_crop(image_size, target, center=False,
+                         generator=generator(seed, "crop", ref.epoch, ref.key))
     flip = False
     if settings.random_flip:
         flip = bool(torch.rand(1, generator=generator(seed, "flip", ref.epoch, ref.key)) < 0.5)
-    return SampleDecisions(caption, crop, flip)
+    return SampleDecisions(caption, crop, flip, choice)
+
+
+def crop_candidates(image_size: tuple[int, int], target: int | Bucket, count: int, seed: int,
+                    index: int) -> list[CropPlan]:
+    """The ``count`` crop positions example ``index`` may train with under
+    ``cached_crops``: drawn once per example, so the cache can hold their latents."""
+    g = generator(seed, "crop_candidates", index)
+    return [plan_crop(image_size, target, center=False, generator=g) for _ in range(count)]
 
 
 def crop_top_left(decision: SampleDecisions) -> tuple[int, int]:
@@ -105,13 +138,23 @@ def training_data(task: TaskDefinition, dataset: Any) -> TrainingData:
 # -- encoders (shared by live training and the cache) ----------------------------------
 
 
+def placement(vae: Any) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of ``vae``. Read it once: diffusers' ``ModelMixin.device`` and
+    ``.dtype`` walk every module on each access (~1 ms each on tiny-sd1)."""
+    return vae.device, vae.dtype
+
+
 @torch.no_grad()
-def encode_image(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image(vae: Any, pixels: torch.Tensor,
+                 where: tuple[torch.device, torch.dtype] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) of one image [3, H, W], on CPU in the VAE's dtype.
 
     One image at a time, so the result never depends on what else is in a batch.
+    ``where`` is :func:`placement` of ``vae``, read once by a caller that encodes many.
     """
-    x = pixels[None].to(vae.device, vae.dtype)
+    device, dtype = where or placement(vae)
+    x = pixels[None].to(device, dtype)
     dist = vae.encode(x).latent_dist
     return dist.mean[0].cpu(), dist.std[0].cpu()
 
@@ -188,6 +231,10 @@ class SampleSource:
         weights = [s.loss_weight for s in self.dataset.settings]
         self.weighted = any(w != 1.0 for w in weights)
 
+    @cached_property
+    def _vae_placement(self) -> tuple[torch.device, torch.dtype]:
+        return placement(self.base.vae)
+
     def latent_shape(self, bucket: Bucket) -> torch.Size:
         """(channels, height, width) of the latent of an image cropped to ``bucket``."""
         return torch.Size((self.channels, bucket.height // self.factor,
@@ -205,7 +252,8 @@ class SampleSource:
         noise, t = draw_noise(shape, s.seed, ref, self.num_timesteps, s.noise_offset)
         cache = self.cache
         cached = cache is not None
-        posterior = cache.latent(i, d.flip) if cached and cache.has_latents else None
+        posterior = (cache.latent(i, d.flip, d.crop_choice) if cached and cache.has_latents
+                     else None)
         pixels = None
         if posterior is None:
             pixels = apply_crop(data.image(i), d.crop, flip=d.flip)
@@ -218,12 +266,22 @@ class SampleSource:
         base, seed, trains_text = self.base, self.settings.seed, self.settings.trains_text
         bucket = _one_bucket(samples)
         latents, conds = [], []
+        encoded: dict[str, dict[str, torch.Tensor]] = {}  # each caption once per batch
         for s in samples:
-            mean, std = s.posterior if s.posterior is not None else encode_image(base.vae, s.pixels)
+            if s.posterior is not None:
+                mean, std = s.posterior
+            else:
+                mean, std = encode_image(base.vae, s.pixels, self._vae_placement)
             latents.append(draw_latent(mean, std, seed, s.ref) * base.vae_scaling_factor)
-            if not trains_text:
-                conds.append(s.conditioning if s.conditioning is not None
-                             else encode_caption(base, s.decision.caption))
+            if trains_text:
+                continue
+            if s.conditioning is not None:
+                conds.append(s.conditioning)
+                continue
+            caption = s.decision.caption
+            if caption not in encoded:
+                encoded[caption] = encode_caption(base, caption)
+            conds.append(encoded[caption])
         time_ids = None
         if base.family.is_sdxl:
             time_ids = sdxl_time_ids(

@@ -23,6 +23,8 @@ from engine.lora.weights import LORA_FILE, lora_file_bytes
 from engine.store import storage
 from engine.store.commit import commit_checkpoint, list_committed, remove_checkpoint
 from engine.train.clock import SegmentClock
+from engine.train.ema import ema_files
+from engine.train.full_finetune import WEIGHTS_FILE, weights_file_bytes
 from engine.train.state import (
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -70,13 +72,19 @@ def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, byte
         "grad_scaler": tr.scaler.state_dict() if tr.scaler else None,
         **extra_state,
     }
-    return {
-        LORA_FILE: lora_file_bytes(
+    def lora_bytes() -> bytes:
+        if tr.full:  # every trained weight, by name (engine/train/full_finetune.py)
+            return weights_file_bytes(tr.params)
+        return lora_file_bytes(
             pipeline_class(tr.base.family), tr.base.unet,
             {k: v for k, v in tr.adapted.items() if k != "unet"},
-        ),
+        )
+
+    return {
+        WEIGHTS_FILE if tr.full else LORA_FILE: lora_bytes(),
         OPTIMIZER_FILE: moments,
         STATE_FILE: json.dumps(state, indent=2, sort_keys=True).encode(),
+        **ema_files(tr.ema, tr.params, lora_bytes),  # the average, when train_args.ema
     }
 
 
@@ -96,8 +104,11 @@ class CheckpointSaver:
     keep: int | None  # checkpoints_total_limit
 
     def due(self, step: int, end: int) -> bool:
-        """Whether an in-segment checkpoint is due after ``step`` (never at the end)."""
-        return bool(self.every) and step < end and (step - self.segment_start) % self.every == 0
+        """Whether an in-segment checkpoint is due after ``step`` (never at the end).
+
+        At global multiples of ``every``, wherever the segment started (a budget ends
+        segments anywhere): ``validation.validation_steps`` renders those checkpoints."""
+        return bool(self.every) and step < end and step % self.every == 0
 
     def commit(self, tr: Trainer, url: str) -> str:
         t0 = time.monotonic()

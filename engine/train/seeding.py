@@ -21,6 +21,7 @@ PURPOSES = frozenset(
         "tag_shuffle",  # per (epoch, sample): order of a caption's tags
         "caption_dropout",  # per (epoch, sample): whether the caption is dropped
         "crop",  # per (epoch, sample): random crop offsets
+        "crop_candidates",  # per example: the crop positions train_args.cached_crops caches
         "flip",  # per (epoch, sample): horizontal flip
         "latent",  # per (epoch, sample): sample from the VAE posterior
         "noise",  # per (epoch, sample): diffusion noise and noise offset
@@ -28,6 +29,9 @@ PURPOSES = frozenset(
         "lora_init",  # once: initial adapter weights
         "validation",  # per image: validation sampling
         "validation_prompts",  # once: which captions become validation prompts
+        "validation_loss",  # per (held-out example, timestep): the validation loss's noise
+        "validation_loss_examples",  # once: which training examples the validation loss uses
+        "bench_adapters",  # once: the random latents and text the adapter bench trains on
     }
 )
 

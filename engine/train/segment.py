@@ -30,7 +30,9 @@ from engine.train.cache import ensure_cache
 from engine.train.clock import SegmentClock
 from engine.train.loop import train
 from engine.train.metrics import MetricsLog
+from engine.train.optimizers import check_optimizer
 from engine.train.options import SegmentOptions, SegmentResult, StepReport, StopReason
+from engine.train.phases import phase
 from engine.train.plan import TrainingPlan
 from engine.train.resume import already_committed, load_resume_point, newest_intermediate, restore
 from engine.train.samples import SampleSource
@@ -51,31 +53,38 @@ def run_segment(task: TaskDefinition, output_dir: str,
 
     # -- where to start: refused or returned before any model is loaded
     checkpoint_in = opts.checkpoint or task.checkpoint
-    dataset = load_dataset_for_task(task, opts.data_root, progress=opts.progress)
-    plan = TrainingPlan.for_task(task, dataset)
-    identity = training_identity(task, dataset.content_hash, dataset.subset_hashes)
-    given = load_resume_point(checkpoint_in, identity) if checkpoint_in else None
-    start_step = given.global_step if given else 0
-    done = already_committed(output_dir, identity, start_step, plan, clock)
+    check_optimizer(task, training_device())  # its library installed, runs on this device
+    with phase("dataset: open and verify"):
+        dataset = load_dataset_for_task(task, opts.data_root, progress=opts.progress)
+        plan = TrainingPlan.for_task(task, dataset)
+        identity = training_identity(task, dataset.content_hash, dataset.subset_hashes)
+    with phase("resume point"):
+        given = load_resume_point(checkpoint_in, identity) if checkpoint_in else None
+        start_step = given.global_step if given else 0
+        done = already_committed(output_dir, identity, start_step, plan, clock)
     if done is not None:
         return done
 
     # -- set up: the model, the trainer at its starting point, the data
-    base = load_base_model(task, training_device())
-    trainer = build_trainer(task, base, plan)
-    resume_from = newest_intermediate(output_dir, identity, start_step) or given
-    previous = restore(trainer, resume_from) if resume_from else {}
+    with phase("model loading"):
+        base = load_base_model(task, training_device())
+    with phase("adapter set-up"):
+        trainer = build_trainer(task, base, plan)
+    with phase("checkpoint restore"):
+        resume_from = newest_intermediate(output_dir, identity, start_step) or given
+        previous = restore(trainer, resume_from) if resume_from else {}
     start, end = trainer.global_step, plan.segment_end(start_step)
     clock.resume_from(previous.get("seconds_per_step"))
     _expect_after_save(clock, task, plan, opts.validate, checkpoint_in)
     cache = None
-    if task.lora.text_encoder is not None:
+    if task.trains_text_encoder:
         log.info("training a text-encoder LoRA: captions are encoded every step (latents "
                  "can still come from the cache)")
-    if opts.cache_root:
-        cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base),
-                             progress=None)
-    source = SampleSource(task, dataset, base, cache)
+    with phase("cache opening"):
+        if opts.cache_root:
+            cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base),
+                                 progress=None)
+        source = SampleSource(task, dataset, base, cache)
     metrics = MetricsLog()
     ta = task.train_args
     saver = CheckpointSaver(output_dir, identity, start_step, clock, ta.checkpointing_steps,
@@ -85,26 +94,29 @@ def run_segment(task: TaskDefinition, output_dir: str,
     if start >= plan.total_steps:
         stopped_by = StopReason.FINISHED
     else:
-        stopped_by = train(
-            trainer, source, end, clock=clock, saver=saver, metrics=metrics,
-            workers=task.dataloader_num_workers, should_stop=opts.should_stop,
-            on_step=opts.on_step, progress=opts.progress,
-        )
+        with phase("training steps"):
+            stopped_by = train(
+                trainer, source, end, clock=clock, saver=saver, metrics=metrics,
+                workers=task.dataloader_num_workers, should_stop=opts.should_stop,
+                on_step=opts.on_step, progress=opts.progress,
+            )
     if trainer.global_step == start and stopped_by is StopReason.BUDGET:
         raise BudgetTooShortError(
             f"the time budget of {budget:.1f} s leaves no room for one step and a checkpoint "
             f"save ({clock.elapsed():.1f} s went to start-up); nothing was written. Give the "
             "segment a longer budget."
         )
-    checkpoint_url = saver.save_final(trainer)
+    with phase("checkpoint save"):
+        checkpoint_url = saver.save_final(trainer)
 
     # -- what the segment leaves beside its checkpoint
     images: list[str] = []
     if opts.validate:
         images = validation.validate_in_segment(task, base, trainer.prediction_type, dataset,
                                                 output_dir, trainer.global_step)
-    metrics_url = metrics.publish(output_dir) if metrics.records else None
-    metrics.close()
+    with phase("metrics flush"):
+        metrics_url = metrics.publish(output_dir) if metrics.records else None
+        metrics.close()
     return SegmentResult(
         steps_done=trainer.global_step - start_step, start_step=start_step,
         global_step=trainer.global_step, total_steps=plan.total_steps,

@@ -43,15 +43,21 @@ def training_identity(task: TaskDefinition, dataset_hash: str,
     per_segment = {"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
                    "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
     ta = {k: v for k, v in task.train_args.stable_dump().items() if k not in per_segment}
+    if isinstance(ta.get("ema"), dict):  # which weights get published is not training
+        ta["ema"] = {k: v for k, v in ta["ema"].items() if k not in ("publish", "publish_both")}
     identity = {
-        "model": task.model.model_dump(),
+        "model": task.model.stable_dump(),
         **_data_identity(task, dataset_hash, subset_hashes),
         "train_args": ta,
-        "lora": {**task.lora.model_dump(exclude={"alpha"}), "alpha": task.lora_alpha},
+        "lora": {**{k: v for k, v in task.lora.stable_dump().items() if k != "alpha"},
+                 "alpha": task.lora_alpha},
         "transforms": task.transforms.model_dump(),
         "mixed_precision": task.mixed_precision,
         "seed": task.seed,
     }
+    if task.training_type != "lora":  # a LoRA task keeps the identity it always had
+        identity["training_type"] = task.training_type
+        identity["full_finetune"] = task.full_finetune.model_dump()
     return json.loads(json.dumps(identity))  # as a checkpoint holds it: tuples are lists
 
 
@@ -95,18 +101,41 @@ def _dict_lists(a: Any, b: Any) -> bool:
 
 
 def optimizer_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[bytes, dict]:
-    """(safetensors bytes of the moments, JSON-able param groups)."""
+    """(safetensors bytes of the moments, JSON-able param groups).
+
+    Per-weight values that are not tensors (a Python ``step`` count: Prodigy, Adafactor,
+    bitsandbytes) go to the JSON as ``scalars`` with their own type, so they come back as
+    the same int or float, not as a tensor the optimizer would compute with differently.
+    Floats kept in param groups (Prodigy's step-size estimate, schedule-free's weight sum
+    and mode) are JSON numbers, which read back to the very same float.
+    """
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for index, per_param in state["state"].items():
-        for key, value in per_param.items():
+        for key, value in _flat(per_param).items():
+            if isinstance(value, (bool, int, float)) or value is None:
+                scalars.setdefault(names[index], {})[key] = value
+                continue
             tensors[f"{names[index]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     groups = [
         {**{k: v for k, v in g.items() if k != "params"},
          "param_names": [names[i] for i in g["params"]]}
         for g in state["param_groups"]
     ]
-    return dump(tensors), {"param_groups": groups, "param_names": names}
+    saved: dict[str, Any] = {"param_groups": groups, "param_names": names}
+    if scalars:  # only then: AdamW's state (all tensors) keeps its bytes
+        saved["scalars"] = scalars
+    return dump(tensors), saved
+
+
+def _flat(per_param: dict[str, Any]) -> dict[str, Any]:
+    """One weight's state with nested dicts merged in: bitsandbytes wraps its quantization
+    state in one (for FSDP) and reads it back either way."""
+    flat: dict[str, Any] = {}
+    for key, value in per_param.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
 
 
 def restore_optimizer(
@@ -121,6 +150,8 @@ def restore_optimizer(
     for key, value in tensors.items():
         name, field = key.split("::")
         state.setdefault(names.index(name), {})[field] = value
+    for name, values in saved.get("scalars", {}).items():
+        state.setdefault(names.index(name), {}).update(values)
     groups = [
         {**{k: v for k, v in g.items() if k != "param_names"},
          "params": [names.index(n) for n in g["param_names"]]}

@@ -4,14 +4,22 @@ Item k of the stream is the k-th micro-batch of the segment (steps ``start`` to 
 as :class:`~engine.train.plan.TrainingPlan` lays them out), turned into CPU tensors by
 :meth:`SampleSource.prepare`. With ``dataloader_num_workers`` > 0 a torch DataLoader
 prepares ahead in worker processes; the order, and so every bit, is the same.
+
+A worker hands its samples over as numpy arrays, not tensors (:func:`_to_wire`): torch
+sends each tensor through its own shared-memory segment with a socket round trip, ~40 per
+micro-batch here, which cost more than preparing the batch (measured by
+``engine/bench/data_path.py``: 2 workers were slower than none from the cache). Arrays
+travel inline in one message and come back as the same bits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.train.plan import TrainingPlan
@@ -31,7 +39,10 @@ class _MicroBatches(torch.utils.data.Dataset):
         return len(self.refs)
 
     def __getitem__(self, k: int) -> list[PreparedSample]:
-        return self.source.prepare(self.refs[k])
+        samples = self.source.prepare(self.refs[k])
+        if torch.utils.data.get_worker_info() is not None:  # in a worker: send arrays
+            return [_to_wire(s) for s in samples]
+        return samples
 
 
 def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end: int,
@@ -62,7 +73,8 @@ def _closing(loader_iter: Any) -> Iterator[list[PreparedSample]]:
     them as crashed.
     """
     try:
-        yield from loader_iter
+        for samples in loader_iter:
+            yield [_from_wire(s) for s in samples]
     finally:
         shutdown = getattr(loader_iter, "_shutdown_workers", None)
         if shutdown is not None:
@@ -73,3 +85,47 @@ def _closing(loader_iter: Any) -> Iterator[list[PreparedSample]]:
                 # loop used was already received, so training is unaffected. (Seen when
                 # the forked worker inherits exit hooks from its parent, as under pytest.)
                 log.warning("a data-loader worker failed while stopping: %s", exc)
+
+
+# -- handing samples over from workers ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Array:
+    """A tensor as a numpy array (bfloat16, which numpy lacks, as its int16 bits)."""
+
+    dtype: torch.dtype
+    data: np.ndarray
+
+
+def _pack(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return _Array(t.dtype, bits.numpy())
+    if isinstance(value, tuple):
+        return tuple(_pack(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    return value
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, _Array):
+        t = torch.from_numpy(value.data)
+        return t.view(torch.bfloat16) if value.dtype == torch.bfloat16 else t
+    if isinstance(value, tuple):
+        return tuple(_unpack(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unpack(v) for k, v in value.items()}
+    return value
+
+
+def _to_wire(sample: PreparedSample) -> PreparedSample:
+    fields = {f.name: _pack(getattr(sample, f.name)) for f in dataclasses.fields(sample)}
+    return dataclasses.replace(sample, **fields)
+
+
+def _from_wire(sample: PreparedSample) -> PreparedSample:
+    fields = {f.name: _unpack(getattr(sample, f.name)) for f in dataclasses.fields(sample)}
+    return dataclasses.replace(sample, **fields)

@@ -18,7 +18,15 @@ from engine.model.family import unet_extra_inputs
 from engine.model.loading import BaseModel, add_lora_adapters, lora_parameters
 from engine.model.precision import autocast
 from engine.task.definition import TaskDefinition
+from engine.train.ema import Ema, ema_of
+from engine.train.full_finetune import (
+    full_parameters,
+    is_full,
+    text_encoder_learning_rate,
+    trainable_modules,
+)
 from engine.train.loss import loss_weights, per_sample_loss, target_for
+from engine.train.optimizers import build_optimizer, enter_step, leave_step
 from engine.train.plan import TrainingPlan
 from engine.train.samples import Batch, PreparedSample, SampleSource
 
@@ -36,6 +44,8 @@ class Trainer:
     snr_gamma: float | None
     max_grad_norm: float
     global_step: int = 0
+    ema: Ema | None = None  # the average of ``params`` (train_args.ema), None when not asked
+    full: bool = False  # training_type "full": params are every weight, not a LoRA
 
     @property
     def finished(self) -> bool:
@@ -47,8 +57,10 @@ class Trainer:
 
 
 def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> Trainer:
-    """Adapters on ``base``, AdamW over their parameters, the lr schedule: at step 0."""
-    adapted = add_lora_adapters(base, task)
+    """Adapters on ``base``, the task's optimizer over their parameters (AdamW unless
+    ``train_args.optimizer`` names another), the lr schedule, the EMA: at step 0."""
+    full = is_full(task)  # training_type "full": every weight of the UNet, no adapter
+    adapted = trainable_modules(base, task) if full else add_lora_adapters(base, task)
     ta = task.train_args
     base.unet.to(base.device)
     if ta.channels_last:
@@ -59,17 +71,14 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
     scale = ta.gradient_accumulation_steps * ta.batch_size if ta.scale_lr else 1  # one process
     groups, params = [], {}
     for prefix, module in adapted.items():
-        named = {f"{prefix}.{n}": p for n, p in lora_parameters(module).items()}
+        trained = full_parameters(module) if full else lora_parameters(module)
+        named = {f"{prefix}.{n}": p for n, p in trained.items()}
         params |= named
         lr = ta.learning_rate
-        if prefix != "unet" and task.lora.text_encoder.learning_rate is not None:
-            lr = task.lora.text_encoder.learning_rate
+        if prefix != "unet" and (te_lr := text_encoder_learning_rate(task)) is not None:
+            lr = te_lr
         groups.append({"params": list(named.values()), "lr": lr * scale})
-    adam = ta.adam_args
-    optimizer = torch.optim.AdamW(
-        groups, betas=(adam.beta1, adam.beta2),
-        weight_decay=adam.weight_decay, eps=adam.epsilon, foreach=False,
-    )
+    optimizer = build_optimizer(task, groups)  # train_args.optimizer; AdamW by default
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(
@@ -83,7 +92,8 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
         base=base, plan=plan, adapted=adapted, params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, scaler=scaler,
         prediction_type=ta.prediction_type or base.noise_scheduler.config.prediction_type,
-        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm,
+        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm, ema=ema_of(task, params),
+        full=full,
     )
 
 
@@ -116,6 +126,7 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     refs = tr.plan.micro_batches(tr.global_step)
     n_samples = sum(len(r) for r in refs)
     loss_total = 0.0
+    enter_step(tr.optimizer)
     for _ in refs:
         loss = micro_batch_loss(tr, source.batch(next(micro_batches))) / n_samples
         (tr.scaler.scale(loss) if tr.scaler else loss).backward()
@@ -131,5 +142,8 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
         tr.optimizer.step()
     tr.lr_scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
+    leave_step(tr.optimizer)
     tr.global_step += 1
+    if tr.ema is not None:
+        tr.ema.update(tr.params, tr.global_step)
     return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "samples": n_samples}

@@ -46,7 +46,27 @@ def _lever_list(text: str) -> list[str]:
     return levers
 
 
+def cmd_fixed_cost(args: argparse.Namespace) -> int:
+    """Only the fixed cost of cold ``loraflow segment`` processes, phase by phase."""
+    import json
+
+    from engine.bench.fixed_cost import measure_fixed_cost, render_fixed_cost
+
+    result = measure_fixed_cost(repeats=args.repeats or 3, threads=args.threads or 1)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2)
+    text = render_fixed_cost(result)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(text)
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.fixed_cost:
+        return cmd_fixed_cost(args)
     from engine import bench
     from engine.logs import silence_progress_bars
 
@@ -92,6 +112,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--data-path", type=_int_list, metavar="PX[,PX]",
                    help="also measure the data path (decode + transforms, cache and live, "
                         "0 and 2 workers) beside the step at these resolutions")
+    p.add_argument("--fixed-cost", action="store_true",
+                   help="instead: the fixed cost of cold `loraflow segment` processes (tiny-sd1, "
+                        "the demo shapes, cache on and off), phase by phase: imports, checks, "
+                        "dataset, model, adapter, cache, save, metrics, exit")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--markdown", help="write the markdown table here")
     p.add_argument("--smoke", action="store_true",

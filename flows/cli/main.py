@@ -113,6 +113,22 @@ def keep_torch_caches_in_loraflow_home() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loraflow_home() / "torchinductor"))
 
 
+def exit_at_once(code: int) -> None:
+    """End the process now, skipping the interpreter's teardown of torch and diffusers.
+
+    Used by commands whose work is committed when they return (``segment``: its
+    checkpoint and summary are written, its data-loader workers and TensorBoard writer
+    closed): tearing down the loaded modules adds ~1.4 s to every process (measured on 2
+    cores), which a run of many short segments pays each time. Output is flushed first.
+    """
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code."""
     from engine.errors import LoraflowError
@@ -121,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     configure_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if argv is None and getattr(args, "exit_at_once", False):
+            exit_at_once(code)
+        return code
     except LoraflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

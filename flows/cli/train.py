@@ -112,18 +112,24 @@ class StopRequest:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from engine.data.prepared import default_cache_root, default_data_root
-    from engine.errors import ExitCode
-    from engine.train.options import SegmentOptions, StopReason
-    from engine.train.progress import StepBar, console_progress_wanted
-    from engine.train.segment import run_segment
+    from engine.train.phases import phase
 
-    task = load_task(args.task, args.overrides)
-    check_references(task, args.task, prepared_in=args.data_dir or default_data_root())
+    with phase("imports: the engine"):
+        from engine.data.prepared import default_cache_root, default_data_root
+        from engine.errors import ExitCode
+        from engine.train.options import SegmentOptions, StopReason
+        from engine.train.progress import StepBar, console_progress_wanted
+        from engine.train.segment import run_segment
+
+    with phase("task validation"):
+        task = load_task(args.task, args.overrides)
+    with phase("reference checks"):
+        check_references(task, args.task, prepared_in=args.data_dir or default_data_root())
     if not args.verbose:
         from engine.logs import silence_progress_bars
 
-        silence_progress_bars()
+        with phase("imports: libraries (their progress bars off)"):
+            silence_progress_bars()
     stop = StopRequest()
     stop.install()
     bar = StepBar() if console_progress_wanted() and not args.quiet else None
@@ -167,11 +173,18 @@ def describe(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: where the LoRA is and how training went."""
     from engine.store.storage import redact
 
-    lora = summary["lora"]
-    lines = [f"LoRA published to {redact(lora['lora_dir'])}"]
-    for label in ("diffusers", "kohya", "readme"):
-        if lora.get(label):
-            lines.append(f"  {label:<10} {redact(lora[label])}")
+    if summary.get("training_type") == "full":  # a whole model, no LoRA files
+        model = summary["model"]
+        lines = [f"Full fine-tune published to {redact(model['model_dir'])}"]
+        for label, key in (("diffusers", "diffusers_model"), ("file", "single_file"),
+                           ("readme", "readme")):
+            lines.append(f"  {label:<10} {redact(model[key])}")
+    else:
+        lora = summary["lora"]
+        lines = [f"LoRA published to {redact(lora['lora_dir'])}"]
+        for label in ("diffusers", "kohya", "readme"):
+            if lora.get(label):
+                lines.append(f"  {label:<10} {redact(lora[label])}")
     for image in summary.get("validation", []):
         lines.append(f"  {'image':<10} {redact(image)}")
     if summary.get("overrides"):
@@ -242,6 +255,7 @@ def add_commands(subparsers: Any) -> None:
                                "--checkpoint out/0/checkpoint")
     add_training_arguments(p, output="where checkpoint/ and validation/ go (path or URL)",
                            budget="wall-clock budget of this segment")
+    p.set_defaults(exit_at_once=True)  # nothing is left to do once it returns
     p.add_argument("--checkpoint", help="previous segment's checkpoint (overrides the task's)")
     p.add_argument("--no-cache", action="store_true",
                    help="encode images and captions every step")

@@ -1,7 +1,8 @@
 """A new user's own data, as they have it, trains through ``loraflow run`` (the real CLI, a
 child process, the tiny model, two steps): a kohya-layout folder (``img.png`` + ``img.txt``,
 a ``2_`` repeat folder, one image without its caption file), an image folder with
-``metadata.csv``, a parquet file and a ``datasets`` save_to_disk folder.
+``metadata.csv``, a parquet file, a ``datasets`` save_to_disk folder, and webdataset
+shards on the real S3 test server.
 
 Before: the kohya folder, the most common layout there is, failed ("caption_column 'text'
 is not a column") and a save_to_disk folder was not recognised.
@@ -20,9 +21,11 @@ import datasets
 import pytest
 
 from engine.model.embedded.demo_data import build_demo_data
+from tests.support.datasets import png
 from tests.support.flow import flow_task, subprocess_env
+from tests.support.shards import sample, shard_bytes
 
-pytest_plugins = ["tests.support.flow_fixtures"]
+pytest_plugins = ["tests.support.flow_fixtures", "tests.support.s3_server"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -105,3 +108,35 @@ def test_own_data_layout_trains_through_loraflow_run(
     if layout == "kohya":
         assert manifest["skipped"][0]["reason"].endswith(".txt missing")
         assert sorted(r.get("repeats", 1) for r in records) == [1, 1, 1, 2, 2]
+
+
+def test_webdataset_shards_on_s3_train_through_loraflow_run(
+    prefect_api: str, s3, s3_prefix: str, tmp_path: Path
+) -> None:
+    """A brace pattern of shards on the real S3 test server, read by two data-loader
+    workers (ranged reads from forked processes), buckets on: trains to the end."""
+    client = s3.filesystem()
+    for k in range(2):
+        members = [m for i in range(k * 5, k * 5 + 5) for m in
+                   sample(f"{i:06d}", image=png(48 + 16 * (i % 2), 48, (i * 20, 90, 30)),
+                          caption=f"a shape number {i}")]
+        client.pipe_file(f"{s3_prefix}/shards/{k:04d}.tar", shard_bytes(members))
+    document = json.loads(flow_task().model_dump_json(exclude_unset=True))
+    document["dataset"] = {"shards": [f"{s3_prefix}/shards/{{0000..0001}}.tar"]}
+    document["dataloader_num_workers"] = 2
+    document["train_args"].update(num_train_steps=2, max_train_steps=2, batch_size=2,
+                                  gradient_accumulation_steps=1, buckets={"step": 16})
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(document))
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(task_file), "--output-dir", str(out),
+         "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "-q"],
+        env=subprocess_env(PREFECT_API_URL=prefect_api), capture_output=True, text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (summary_file,) = out.rglob("run_summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["global_step"] == 2 and summary["dataset"]["count"] == 10
+    assert not list((tmp_path / "data").rglob("*.png"))  # streamed: no image copied

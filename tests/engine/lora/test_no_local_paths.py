@@ -35,3 +35,13 @@ def test_same_training_under_two_homes_gives_identical_lora_files(
     assert not differing, f"bytes depend on LORAFLOW_HOME: {differing}"
     for name, data in first.items():
         assert str(tmp_path).encode() not in data, f"{name} holds a local path"
+
+
+def test_component_override_paths_are_published_by_their_last_part_only() -> None:
+    from engine.lora.metadata import public_task_dict
+    from tests.support.engine import make_task
+
+    task = make_task(**{"model.unet": "/home/alice/models/my-unet",
+                        "model.tokenizer": "/home/alice/models/tok"})
+    model = public_task_dict(task)["model"]
+    assert (model["unet"], model["tokenizer"]) == ("my-unet", "tok")
