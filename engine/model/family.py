@@ -7,6 +7,7 @@ model itself (model_index.json and the UNet config), never guessed from its name
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,14 +86,31 @@ def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any],
 # -- conditioning ---------------------------------------------------------------------
 
 
+#: Token ids already computed, per tokenizer (weakly: a freed tokenizer takes its ids
+#: along) and caption. Tokenizing is pure string work (~0.6 ms a caption, a twentieth of a
+#: tiny step) and gives the same ids every time, so remembering them changes no bit.
+_TOKEN_IDS: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+_TOKEN_IDS_PER_TOKENIZER = 8192  # shuffled tags make captions without end: stay bounded
+
+
 def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    """Token ids [B, max_length] of ``captions``, each padded and truncated on its own (as
+    a batch call does with ``padding="max_length"``)."""
+    known = _TOKEN_IDS.setdefault(tokenizer, {})
+    missing = [c for c in dict.fromkeys(captions) if c not in known]
+    if missing:
+        if len(known) + len(missing) > _TOKEN_IDS_PER_TOKENIZER:
+            known.clear()
+            missing = list(dict.fromkeys(captions))
+        ids = tokenizer(
+            missing,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        known.update(zip(missing, ids, strict=True))
+    return torch.stack([known[c] for c in captions])
 
 
 def encode_captions(
