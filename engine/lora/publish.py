@@ -46,6 +46,7 @@ from engine.lora.weights import LORA_FILE
 from engine.model.family import Family
 from engine.store import storage
 from engine.store.commit import read_checkpoint
+from engine.store.redact import redact_values
 from engine.store.safetensors_io import with_metadata
 from engine.task.definition import TaskDefinition
 from engine.train.ema import other_source, published_source
@@ -125,7 +126,7 @@ def publish_lora(
     )
     texts = {
         "task.json": _json_text(public_task_dict(task)),
-        "run_summary.json": _json_text(_redacted(run_summary)),
+        "run_summary.json": _json_text(redact_values(run_summary)),
         "README.md": render_model_card(facts, card_files, captions) + _ema_section(task, roles),
     }
     for name, text in texts.items():
@@ -301,17 +302,6 @@ def _model_family(task: TaskDefinition) -> Family:
     from engine.model.loading import inspect_model
 
     return inspect_model(task.model)[1]
-
-
-def _redacted(value: Any) -> Any:
-    """Every string passed through :func:`storage.redact` (summaries hold URLs)."""
-    if isinstance(value, str):
-        return storage.redact(value)
-    if isinstance(value, Mapping):
-        return {str(k): _redacted(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redacted(v) for v in value]
-    return value
 
 
 def _json_text(data: Any) -> str:

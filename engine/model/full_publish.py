@@ -24,6 +24,7 @@ from typing import Any
 from engine.lora.metadata import public_name, public_task_dict
 from engine.model.full_export import DIFFUSERS_DIR, MODEL_DIR, publish_full_model
 from engine.store import storage
+from engine.store.redact import redact_values
 from engine.task.definition import TaskDefinition
 
 #: Component overrides that may name a local folder: published by their last part only.
@@ -62,7 +63,7 @@ def publish_full_run(
     summary = {**run_summary, "training_type": "full", "published": files}
     texts = {
         "task.json": _json_text(_public_task(task)),
-        "run_summary.json": _json_text(_redacted(summary)),
+        "run_summary.json": _json_text(redact_values(summary)),
         "README.md": model_card(task, run_summary, files, dataset_hash=dataset_hash,
                                 images=[_relative(u, model_dir) for u in images],
                                 base_images=[_relative(u, model_dir) for u in base],
@@ -150,17 +151,6 @@ def _copy_all(urls: list[str], model_dir: str, folder: str) -> list[str]:
 
 def _relative(url: str, model_dir: str) -> str:
     return url[len(model_dir):].lstrip("/")
-
-
-def _redacted(value: Any) -> Any:
-    """Every string passed through :func:`storage.redact` (summaries hold URLs)."""
-    if isinstance(value, str):
-        return storage.redact(value)
-    if isinstance(value, Mapping):
-        return {str(k): _redacted(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redacted(v) for v in value]
-    return value
 
 
 def _json_text(data: Any) -> str:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["SECRET_NAME", "has_userinfo", "public_url", "redact", "redact_url"]
 
@@ -71,6 +73,18 @@ def redact(text: str) -> str:
     text = _URL_TOKEN_RE.sub(lambda match: _redact_url_token(match.group(0)), str(text))
     text = _BARE_PARAM_RE.sub(r"\g<name>***", text)
     return _scrub_environment(text)
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (JSON-like: mappings, lists, strings) with every string redacted: for
+    summaries and records that hold URLs and messages, before they are published."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {str(k): redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -107,3 +107,13 @@ def test_userinfo_detection_for_refusal() -> None:
     assert redaction.has_userinfo("s3://AKIA:secret@bucket/x")
     assert not redaction.has_userinfo("s3://bucket/x@y")
     assert not redaction.has_userinfo("/local/user@host")
+
+
+def test_redact_values_reaches_every_string_of_a_summary() -> None:
+    from engine.store.redact import redact_values
+
+    summary = {"out": "s3://u:p@host/b", "runs": [{"cache": "https://x/y?X-Amz-Signature=abc"}],
+               "steps": 3}
+    cleaned = redact_values(summary)
+    text = repr(cleaned)
+    assert cleaned["steps"] == 3 and "u:p@" not in text and "abc" not in text
