@@ -21,12 +21,13 @@ from PIL import Image, PngImagePlugin
 
 from engine.errors import LoraflowError
 from engine.infer.pipeline import load_pipeline, pipeline_from_base, scheduler_for_inference
-from engine.lora.weights import LORA_FILE, load_into_pipeline
+from engine.lora.weights import load_into_pipeline
 from engine.model.loading import BaseModel, load_vae, training_device
 from engine.model.precision import autocast, weight_dtype
 from engine.store import storage
 from engine.store.commit import read_checkpoint
 from engine.task.definition import TaskDefinition
+from engine.train.ema import published_source
 from engine.train.seeding import generator
 
 VALIDATION_DIR = "validation"  # under a segment's (or run's) output_dir
@@ -178,7 +179,8 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
     prompts = validation_prompts(task, dataset)
     base = write_base_images(output_dir, task, prompts,
                              render_validation(pipe, task, prompts, device, dtype))
-    load_into_pipeline(pipe, loaded.files[LORA_FILE])  # from the file: its alpha metadata
+    # from the file (its alpha metadata), the one published: the EMA when it is
+    load_into_pipeline(pipe, loaded.files[published_source(task)])
     images = render_validation(pipe, task, prompts, device, dtype)
     lora = write_validation(output_dir, task, prompts, images, loaded.global_step)
     return CheckpointImages(lora=lora, base=base)

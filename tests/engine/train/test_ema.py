@@ -84,3 +84,22 @@ def test_published_files_hold_the_chosen_weights_and_say_so(chosen: str,
     card = Path(published["readme"]).read_text()
     assert "## Weights: EMA or raw" in card
     assert f"The files without a suffix hold the {chosen} weights" in card
+
+
+def test_final_validation_renders_the_weights_that_are_published(tmp_path: Path) -> None:
+    """The card's images are of the file users get: the EMA by default, the raw weights
+    with ``publish: raw``."""
+    from engine.data.prepared import load_dataset_for_task
+    from engine.infer.validation import validate_checkpoint
+
+    ema = {**EMA, "decay": 0.5}
+    task = make_task(**{"train_args.ema": ema})
+    checkpoint = run_chain(task, tmp_path / "run")[-1].checkpoint
+    data = load_dataset_for_task(task, None)
+    pngs = {}
+    for chosen in ("ema", "raw"):
+        chosen_task = make_task(**{"train_args.ema": {**ema, "publish": chosen}})
+        images = validate_checkpoint(chosen_task, checkpoint, str(tmp_path / chosen), data)
+        pngs[chosen] = [Path(u).read_bytes() for u in images.lora]
+        assert [Path(u).read_bytes() for u in images.base] != pngs[chosen]
+    assert pngs["ema"] != pngs["raw"]
