@@ -137,14 +137,22 @@ def commit_dataset(
     writes them, so a large dataset is never held in memory. ``meta`` goes into the
     manifest beside ``count`` and ``content_hash``. Returns the manifest as committed.
     """
+    return commit_records(address, records, meta, kind=DATASET, files=images)
+
+
+def commit_records(address: str, records: list[str], meta: Mapping[str, Any], *,
+                   kind: FolderKind, files: Mapping[str, bytes] | None = None) -> Manifest:
+    """Commit ``records`` (JSON lines) as ``records.jsonl`` beside ``files``, the manifest
+    holding ``count``, ``content_hash`` (sha256 of the records) and ``meta``: the layout
+    of a prepared dataset and of a shard index alike."""
     records_bytes = "".join(line + "\n" for line in records).encode("utf-8")
-    files = ChainMap({RECORDS_NAME: records_bytes}, images)  # type: ignore[arg-type]
+    all_files = ChainMap({RECORDS_NAME: records_bytes}, files or {})  # type: ignore[arg-type]
     document = {
         "count": len(records),
         "content_hash": hashlib.sha256(records_bytes).hexdigest(),
         **meta,
     }
-    return commit_folder(address, files, document, kind=DATASET)
+    return commit_folder(address, all_files, document, kind=kind)
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -163,24 +171,34 @@ def read_committed(address: str) -> tuple[Manifest, list[dict]] | None:
 
 def _verified(address: str) -> tuple[Manifest, list[dict]]:
     """Read and check manifest and records; raise DatasetError saying what is wrong."""
+    manifest, lines = read_records(address, kind=DATASET,
+                                   missing="not prepared, or preparation unfinished")
+    return manifest, [json.loads(line) for line in lines]
+
+
+def read_records(address: str, *, kind: FolderKind,
+                 missing: str) -> tuple[Manifest, list[str]]:
+    """(manifest, record lines) of a folder :func:`commit_records` committed, checked
+    against ``content_hash`` and ``count``; else a DatasetError saying what is wrong
+    (``missing`` says why there may be no manifest). An outage raises ``StorageError``."""
     try:
-        manifest = read_folder_manifest(address, kind=DATASET)
+        manifest = read_folder_manifest(address, kind=kind)
     except NotCommittedError:
-        raise DatasetError("no manifest.json (not prepared, or preparation unfinished)") from None
+        raise DatasetError(f"no manifest.json ({missing})") from None
     except CommitError as err:
         raise DatasetError(str(err)) from None
     try:
-        records_bytes = read_verified_file(address, manifest, RECORDS_NAME, kind=DATASET)
+        records_bytes = read_verified_file(address, manifest, RECORDS_NAME, kind=kind)
     except CommitError as err:
         raise DatasetError(
             f"records.jsonl does not match the manifest's content_hash ({err})"
         ) from None
     if hashlib.sha256(records_bytes).hexdigest() != manifest["content_hash"]:
         raise DatasetError("records.jsonl does not match the manifest's content_hash")
-    records = [json.loads(line) for line in records_bytes.decode("utf-8").splitlines()]
-    if len(records) != manifest["count"]:
+    lines = records_bytes.decode("utf-8").splitlines()
+    if len(lines) != manifest["count"]:
         raise DatasetError("records.jsonl does not hold 'count' records")
-    return manifest, records
+    return manifest, lines
 
 
 def open_dataset(address: str) -> PreparedDataset:

@@ -28,21 +28,15 @@ from PIL import Image
 
 from engine.data.errors import DatasetError
 from engine.data.images import decode_image
-from engine.data.layout import normal_address
+from engine.data.layout import commit_records, normal_address, read_records
 from engine.data.shard_names import shard_urls
 from engine.store import storage
 from engine.store.commit import (
-    CommitError,
     FolderKind,
     Manifest,
-    NotCommittedError,
-    commit_folder,
-    read_folder_manifest,
-    read_verified_file,
 )
 from engine.task.definition import DatasetArgs
 
-RECORDS_NAME = "records.jsonl"
 #: A shard set's index, as the commit protocol knows it.
 SHARD_INDEX = FolderKind(
     "loraflow-shard-index/1", "shard index", {"count": int, "content_hash": str}
@@ -51,9 +45,7 @@ SHARD_INDEX = FolderKind(
 
 def commit_index(address: str, records: list[str], meta: dict[str, Any]) -> Manifest:
     """Commit ``records`` (JSON lines) with ``meta`` in the manifest; returns the manifest."""
-    data = "".join(line + "\n" for line in records).encode("utf-8")
-    document = {"count": len(records), "content_hash": hashlib.sha256(data).hexdigest(), **meta}
-    return commit_folder(address, {RECORDS_NAME: data}, document, kind=SHARD_INDEX)
+    return commit_records(address, records, meta, kind=SHARD_INDEX)
 
 
 def read_index(address: str) -> tuple[Manifest, list[str]] | None:
@@ -66,19 +58,7 @@ def read_index(address: str) -> tuple[Manifest, list[str]] | None:
 
 
 def _verified(address: str) -> tuple[Manifest, list[str]]:
-    try:
-        manifest = read_folder_manifest(address, kind=SHARD_INDEX)
-        data = read_verified_file(address, manifest, RECORDS_NAME, kind=SHARD_INDEX)
-    except NotCommittedError:
-        raise DatasetError("no manifest.json (not indexed, or indexing unfinished)") from None
-    except CommitError as err:
-        raise DatasetError(str(err)) from None
-    if hashlib.sha256(data).hexdigest() != manifest["content_hash"]:
-        raise DatasetError("records.jsonl does not match the manifest's content_hash")
-    lines = data.decode("utf-8").splitlines()
-    if len(lines) != manifest["count"]:
-        raise DatasetError("records.jsonl does not hold 'count' records")
-    return manifest, lines
+    return read_records(address, kind=SHARD_INDEX, missing="not indexed, or indexing unfinished")
 
 
 def open_shards(address: str, args: DatasetArgs) -> ShardDataset:

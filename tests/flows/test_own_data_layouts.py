@@ -68,6 +68,31 @@ def _save_to_disk(demo, root: Path) -> tuple[Path, int, int]:
     return root, 6, 0
 
 
+def _two_step_task(dataset: dict) -> dict:
+    """The flow tests' tiny-sd1 task on ``dataset``, two steps of batch 2."""
+    document = json.loads(flow_task().model_dump_json(exclude_unset=True))
+    document["dataset"] = dataset
+    document["train_args"].update(num_train_steps=2, max_train_steps=2, batch_size=2,
+                                  gradient_accumulation_steps=1)
+    return document
+
+
+def _loraflow_run(document: dict, prefect_api: str, tmp_path: Path) -> dict:
+    """``loraflow run`` of ``document`` in a child process; its run summary."""
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(document))
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(task_file), "--output-dir", str(out),
+         "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "-q"],
+        env=subprocess_env(PREFECT_API_URL=prefect_api), capture_output=True, text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (summary_file,) = out.rglob("run_summary.json")
+    return json.loads(summary_file.read_text())
+
+
 LAYOUTS: dict[str, Callable] = {
     "kohya": _kohya,
     "metadata_csv": _metadata_csv,
@@ -82,22 +107,8 @@ def test_own_data_layout_trains_through_loraflow_run(
 ) -> None:
     demo = build_demo_data(tmp_path / "demo")
     source, count, skipped = LAYOUTS[layout](demo, tmp_path / "source")
-    document = json.loads(flow_task().model_dump_json(exclude_unset=True))
-    document["dataset"] = {"name": str(source)}
-    document["train_args"].update(num_train_steps=2, max_train_steps=2, batch_size=2,
-                                  gradient_accumulation_steps=1)
-    task_file = tmp_path / "task.json"
-    task_file.write_text(json.dumps(document))
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(task_file), "--output-dir", str(out),
-         "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "-q"],
-        env=subprocess_env(PREFECT_API_URL=prefect_api), capture_output=True, text=True,
-        timeout=540,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    (summary_file,) = out.rglob("run_summary.json")
-    summary = json.loads(summary_file.read_text())
+    document = _two_step_task({"name": str(source)})
+    summary = _loraflow_run(document, prefect_api, tmp_path)
     assert summary["global_step"] == 2
     assert summary["dataset"]["count"] == count
     assert summary["dataset"]["skipped"] == skipped
@@ -121,22 +132,9 @@ def test_webdataset_shards_on_s3_train_through_loraflow_run(
                    sample(f"{i:06d}", image=png(48 + 16 * (i % 2), 48, (i * 20, 90, 30)),
                           caption=f"a shape number {i}")]
         client.pipe_file(f"{s3_prefix}/shards/{k:04d}.tar", shard_bytes(members))
-    document = json.loads(flow_task().model_dump_json(exclude_unset=True))
-    document["dataset"] = {"shards": [f"{s3_prefix}/shards/{{0000..0001}}.tar"]}
+    document = _two_step_task({"shards": [f"{s3_prefix}/shards/{{0000..0001}}.tar"]})
     document["dataloader_num_workers"] = 2
-    document["train_args"].update(num_train_steps=2, max_train_steps=2, batch_size=2,
-                                  gradient_accumulation_steps=1, buckets={"step": 16})
-    task_file = tmp_path / "task.json"
-    task_file.write_text(json.dumps(document))
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(task_file), "--output-dir", str(out),
-         "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "-q"],
-        env=subprocess_env(PREFECT_API_URL=prefect_api), capture_output=True, text=True,
-        timeout=540,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    (summary_file,) = out.rglob("run_summary.json")
-    summary = json.loads(summary_file.read_text())
+    document["train_args"]["buckets"] = {"step": 16}
+    summary = _loraflow_run(document, prefect_api, tmp_path)
     assert summary["global_step"] == 2 and summary["dataset"]["count"] == 10
     assert not list((tmp_path / "data").rglob("*.png"))  # streamed: no image copied
