@@ -663,6 +663,65 @@ class FullFinetuneArgs(_Strict):
     )
 
 
+class CaptioningArgs(_Strict):
+    """loraflow: caption the images of the dataset before training (the caption step).
+
+    The captions are cached by (image sha256, backend, model, revision, prompt) and written
+    as an editable ``metadata.jsonl`` beside the prepared dataset.
+    """
+
+    backend: Literal["transformers", "openai"] = Field(
+        description="'transformers': a local vision-language model (BLIP, GIT, Florence-2, "
+        "LLaVA/Qwen2-VL class); 'openai': an OpenAI-compatible chat-completions API with "
+        "image input (vLLM, Ollama, LM Studio, hosted gateways).",
+    )
+    model: str = Field(min_length=1, description="Model id (a Hub id or folder, or the API's "
+                       "model name).")
+    revision: str = Field("main", description="Branch, tag or commit of a local model.")
+    base_url: str | None = Field(
+        None, description="Base URL of the chat-completions API (backend 'openai'), e.g. "
+        "http://localhost:11434/v1.",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (never the key).",
+    )
+    prompt: str = Field(
+        "Describe this image in one sentence, as a caption for training a text-to-image "
+        "model.",
+        min_length=1,
+        description="Instruction to the model; {trigger} and {class_name} are filled in.",
+    )
+    trigger: str | None = Field(None, description="Trigger word, e.g. 'sks'; {trigger}.")
+    class_name: str | None = Field(None, description="Class of the subject, e.g. 'dog'.")
+    mode: Literal["missing", "all", "prepend", "append"] = Field(
+        "missing",
+        description="'missing': caption images without one; 'all': replace every caption; "
+        "'prepend'/'append': put the generated text before/after the existing caption.",
+    )
+    max_length: int = Field(
+        77, ge=1, le=1024, description="Most new tokens the model may generate."
+    )
+    strip_phrases: list[str] = Field(
+        default_factory=lambda: ["The image shows", "This image shows", "The image depicts",
+                                 "This is an image of", "An image of"],
+        description="Leading phrases removed from answers (case-insensitive).",
+    )
+    lowercase: bool = Field(False, description="Lower-case the captions.")
+    caption_template: str = Field(
+        "{caption}", description="How a caption is written: {caption}, {trigger}, "
+        "{class_name}; e.g. '{trigger} {class_name}, {caption}'.",
+    )
+    on_empty: Literal["keep_uncaptioned", "error"] = Field(
+        "keep_uncaptioned",
+        description="An empty or refused answer: keep the image uncaptioned (with a reason) "
+        "or stop with an error.",
+    )
+    batch_size: int = Field(8, ge=1, description="Images per model call (local backend).")
+    timeout_seconds: float = Field(60.0, gt=0, description="Per request (API backend).")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed API request.")
+
+
 class TaskDefinition(_Strict):
     """A whole fine-tuning task, as a Crynux node receives it."""
 
@@ -670,7 +729,7 @@ class TaskDefinition(_Strict):
         extra="forbid", validate_assignment=True, title="FinetuneLoraTaskArgs"
     )
 
-    _omit_when_default = frozenset({"datasets", "training_type", "full_finetune"})
+    _omit_when_default = frozenset({"datasets", "training_type", "full_finetune", "captioning"})
 
     model: ModelArgs = Field(description="The pretrained base model.")
     dataset: DatasetArgs | None = Field(
@@ -717,6 +776,9 @@ class TaskDefinition(_Strict):
     full_finetune: FullFinetuneArgs = Field(
         default_factory=FullFinetuneArgs,
         description="loraflow: settings of training_type 'full'.",
+    )
+    captioning: CaptioningArgs | None = Field(
+        None, description="loraflow: caption the images before training (see CaptioningArgs).",
     )
 
     @model_validator(mode="after")
