@@ -15,6 +15,7 @@ class ExitCode:
     BUDGET_TOO_SHORT = 3  # not even one step fits the time budget; nothing written
     STORAGE = 4  # storage unreachable or full after retries
     INTERRUPTED = 5  # stopped by SIGTERM/SIGINT after committing a checkpoint
+    NOT_VERIFIED = 6  # loraflow verify: a replayed step differs from the digest trail
 
 
 class LoraflowError(Exception):

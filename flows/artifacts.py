@@ -296,3 +296,32 @@ def show_validation_steps(output_dir: str, done: list) -> tuple[UUID, UUID] | No
         description="Held-out validation loss at fixed noise and timesteps, by step",
     )
     return grid, table
+
+
+#: Image + caption pairs shown per subset (its captions file has them all).
+CAPTION_PAIRS_SHOWN = 12
+
+
+def caption_lines(model: str, captions: dict) -> list[str]:
+    """Counts, why images stayed uncaptioned, then image + caption side by side."""
+    lines = [f"**Captions** by `{model}`: {captions['captioned']} made now, "
+             f"{captions['from_cache']} from the cache, {captions['kept']} kept as they were, "
+             f"{len(captions['uncaptioned'])} uncaptioned", ""]
+    lines += [f"- uncaptioned: `{u['file']}` (subset {u['subset']}): {u['reason']}"
+              for u in captions["uncaptioned"][:CAPTION_PAIRS_SHOWN]]
+    for report in captions["subsets"].values():
+        lines += ["", f"captions file: `{storage.redact(report['metadata'])}`", "",
+                  "| image | caption |", "|---|---|"]
+        for pair in report["pairs"][:CAPTION_PAIRS_SHOWN]:
+            url = storage.join(report["address"], pair["file"])
+            text = pair["caption"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {image_markdown(url, pair['file'])} | {text} |")
+    return lines
+
+
+def show_captions(output_dir: str, model: str, captions: dict) -> UUID:
+    return create_markdown_artifact(
+        "\n".join(caption_lines(model, captions)),
+        key=f"{run_key(output_dir)}-captions",
+        description="Captions: image and caption pairs",
+    )

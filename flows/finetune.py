@@ -28,6 +28,8 @@ from flows import artifacts
 from flows.run_names import readable_run_name
 from flows.validation_steps import StepValidations, run_rows
 from tasks.cache import build_cache
+from tasks.caption import add_captions, caption_counts
+from tasks.class_images import add_class_images
 from tasks.dataset import prepare_dataset
 from tasks.payloads import (
     CacheSummary,
@@ -40,6 +42,7 @@ from tasks.payloads import (
 )
 from tasks.publish import publish
 from tasks.segment import backstop_timeout, dispatch_segment, train_segment
+from tasks.segment_processes import checked_processes
 from tasks.user_errors import hide_user_error_tracebacks
 from tasks.validation import validate_final
 
@@ -111,6 +114,7 @@ def finetune(
     budget_seconds: float | None = None,
     segment_deployment: str | None = None,
     overrides: list[str] | None = None,
+    processes_per_segment: int | None = None,
 ) -> dict:
     """Fine-tune a LoRA for ``task``; publish it under ``output_dir``/lora.
 
@@ -130,6 +134,9 @@ def finetune(
         overrides: the ``key.path=value`` overrides already applied to ``task`` (by
             ``loraflow run task.json lora.rank=16``): recorded in the run summary, so
             the run says how it differs from its task file.
+        processes_per_segment: train each segment with this many processes on its
+            machine (``loraflow segment --nproc-per-node``: one per GPU, gloo on CPU);
+            default one, in the segment task's own process (docs/distributed.md).
 
     Returns:
         the run summary (JSON-able): totals, ``lora`` (the published URLs; for a
@@ -138,8 +145,13 @@ def finetune(
     """
     logger = get_run_logger()
     check_task(task)
+    processes_per_segment = checked_processes(processes_per_segment)  # 1: None, one process
     output_dir = resolve_output_dir(output_dir)
     dataset: DatasetSummary = prepare_dataset(task, data_dir)
+    dataset, captions = add_captions(task, dataset, data_dir)  # captioning: images get text
+    if captions is not None:
+        artifacts.show_captions(output_dir, task.captioning.model, captions)
+    dataset, class_images = add_class_images(task, dataset, data_dir)  # DreamBooth's subset
     cache: CacheSummary = build_cache(task, dataset, data_dir, cache_dir)
     logger.info(
         "dataset %s: %d examples (hash %s); cache %s (%s)",
@@ -162,6 +174,7 @@ def finetune(
         task, plan, output_dir, dataset, cache_dir=cache_dir, data_dir=data_dir,
         budget_seconds=budget_seconds or task.train_args.segment_budget_seconds,
         segment_deployment=segment_deployment, step_validations=step_validations,
+        processes_per_segment=processes_per_segment,
     )
     validated_steps = step_validations.wait()
     final = segments[-1].result
@@ -177,7 +190,8 @@ def finetune(
         segments=len(segments),
         dataset_hash=dataset.content_hash,
         cache={"address": cache.address, "built_now": cache.built_now},
-        dataset=dataset.counts(),
+        dataset={**dataset.counts(), **({"class_images": class_images} if class_images else {}),
+                 **({"captions": caption_counts(captions)} if captions else {})},
         run_name=storage.basename(output_dir),
         flow_run_id=flow_run.id,
         flow_run_name=flow_run.name,
@@ -201,6 +215,7 @@ def train_all_segments(
     task: TaskDefinition, plan: TrainingPlan, output_dir: str, dataset: DatasetSummary, *,
     cache_dir: str | None, data_dir: str | None, budget_seconds: float | None,
     segment_deployment: str | None, step_validations: StepValidations | None = None,
+    processes_per_segment: int | None = None,
 ) -> list[SegmentSummary]:
     """Segments, each from the previous one's checkpoint, until the training is finished.
 
@@ -220,7 +235,7 @@ def train_all_segments(
         request = SegmentRequest(
             task=task, index=index, output_dir=output_dir, checkpoint=checkpoint,
             dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
-            budget_seconds=budget_seconds,
+            budget_seconds=budget_seconds, processes_per_segment=processes_per_segment,
         )
         if segment_deployment:
             segment = dispatch_segment.with_options(task_run_name=name)(
@@ -265,7 +280,8 @@ def run_result(summary: RunSummary, published: PublishResult,
 
 @flow(name="finetune-segment")
 def finetune_segment(request: SegmentRequest, name: str = "segment",
-                     progress_artifact: str | None = None) -> SegmentSummary:
+                     progress_artifact: str | None = None,
+                     processes_per_segment: int | None = None) -> SegmentSummary:
     """One segment as its own flow run, for ``finetune(segment_deployment=...)``.
 
     Served by every GPU worker (``loraflow serve-segments`` or a work pool deployment);
@@ -273,7 +289,12 @@ def finetune_segment(request: SegmentRequest, name: str = "segment",
     segment folder (``result.json``), which is how the orchestrating run reads it.
     ``name`` names the segment's task run (``segment-3 steps 300-400``);
     ``progress_artifact`` is the orchestrating run's progress bar, moved as it trains.
+    ``processes_per_segment``, when given (a multi-GPU worker's deployment sets it to its
+    GPU count), replaces the request's: 1 trains in this process, N with N processes.
     """
+    if processes_per_segment is not None:
+        request = request.model_copy(
+            update={"processes_per_segment": checked_processes(processes_per_segment)})
     return train_segment.with_options(
         task_run_name=name, timeout_seconds=backstop_timeout(request.budget_seconds)
     )(request, progress_artifact=progress_artifact)

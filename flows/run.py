@@ -114,7 +114,7 @@ def start_prefect() -> None:
 def run_here(
     task: TaskDefinition, output_dir: str, *, cache_dir: str | None = None,
     data_dir: str | None = None, budget_seconds: float | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | None = None, processes_per_segment: int | None = None,
 ) -> Any:
     """Run ``finetune`` in this process; return its final state (see :func:`outcome`).
 
@@ -130,6 +130,7 @@ def run_here(
         data_dir=absolute_location(data_dir),
         budget_seconds=budget_seconds,
         overrides=list(overrides or []),
+        processes_per_segment=processes_per_segment,
         return_state=True,
     )
 

@@ -12,3 +12,6 @@ POOL_TYPE="${POOL_TYPE:-process}"
 prefect work-pool create loraflow-gpu --type "$POOL_TYPE" --overwrite
 prefect work-pool set-concurrency-limit loraflow-gpu "$GPU_WORKERS"
 prefect work-pool create loraflow-control --type process --overwrite
+# a worker that dies with its machine reports nothing: mark its silent segment runs Crashed
+# (so they are dispatched again) after three missed heartbeats (see infra/README.md)
+loraflow detect-crashes --after-silence "${CRASH_AFTER_SILENCE:-540}"

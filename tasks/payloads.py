@@ -12,7 +12,7 @@ the ``finetune-segment`` flow, and Prefect builds that flow's schema from real c
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from engine.data.epoch_summary import SKIPPED_SHOWN, EpochSummary
 from engine.task.definition import TaskDefinition
@@ -126,6 +126,17 @@ class SegmentRequest(Payload):
     data_dir: str | None = None
     cache_dir: str | None = None
     budget_seconds: float | None = None
+    #: train with this many processes (``loraflow segment --nproc-per-node``); None: one,
+    #: in the task's own process. Left out of the dump when None, so the payload (a cache
+    #: key's input, a worker's parameter) keeps the shape it had before the field.
+    processes_per_segment: int | None = Field(default=None, ge=2)
+
+    @model_serializer(mode="wrap")
+    def _leave_out_one_process(self, handler: Any) -> Any:
+        data = handler(self)
+        if self.processes_per_segment is None and isinstance(data, dict):
+            data.pop("processes_per_segment", None)
+        return data
 
 
 class SegmentSummary(Payload):
@@ -143,6 +154,7 @@ class SegmentSummary(Payload):
     loss: float | None = None
     samples_per_second: float | None = None
     train_seconds: float = 0.0
+    world_size: int = 1  # how many processes trained it (processes_per_segment)
 
     def row(self) -> dict[str, Any]:
         """The part worth keeping in the run summary (plain JSON values)."""
@@ -151,7 +163,7 @@ class SegmentSummary(Payload):
             "index": self.index, "start_step": r.start_step, "global_step": r.global_step,
             "steps_done": r.steps_done, "stopped_by": r.stopped_by.value, "seconds": r.seconds,
             "loss": self.loss, "samples_per_second": self.samples_per_second,
-            "checkpoint": r.checkpoint, "metrics": r.metrics,
+            "checkpoint": r.checkpoint, "metrics": r.metrics, "world_size": self.world_size,
         }
 
 

@@ -21,6 +21,7 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.runtime import flow_run, task_run
 
 from engine.store import storage
@@ -32,6 +33,7 @@ from tasks.cache import cache_root
 from tasks.logging_bridge import engine_logs_to_prefect
 from tasks.payloads import SegmentRequest, SegmentSummary
 from tasks.progress import ArtifactProgress
+from tasks.segment_processes import train_in_processes
 
 #: Written after the segment: its summary, for a caller that ran it elsewhere.
 RESULT_FILE = "result.json"
@@ -96,9 +98,14 @@ def train_segment(request: SegmentRequest, progress_artifact: str | None = None)
     given the run's ``progress_artifact`` id, that artifact every few seconds. The id is
     not part of the cache key: a retried flow run makes a new artifact and must still
     find the segments it completed.
+
+    With ``request.processes_per_segment`` N the segment is trained by N processes in a
+    child process group (tasks/segment_processes.py); their log lines, not the bar or the
+    artifact, show its progress.
     """
     out_dir = segment_dir(request.output_dir, request.index)
-    bar = StepBar() if console_progress_wanted() else None
+    processes = request.processes_per_segment  # None: this process trains it
+    bar = StepBar() if console_progress_wanted() and not processes else None
     artifact = ArtifactProgress(progress_artifact) if progress_artifact else None
     options = SegmentOptions(
         checkpoint=request.checkpoint,
@@ -111,7 +118,13 @@ def train_segment(request: SegmentRequest, progress_artifact: str | None = None)
     record_attempt(out_dir)
     try:
         with engine_logs_to_prefect():
-            result = run_segment(request.task, out_dir, options)
+            if processes:  # N processes: ``loraflow segment --nproc-per-node N`` as a child
+                result = train_in_processes(
+                    request.task.model_dump_json(), out_dir, processes, get_run_logger(),
+                    checkpoint=request.checkpoint, budget_seconds=request.budget_seconds,
+                    data_dir=request.data_dir, cache_root=options.cache_root)
+            else:
+                result = run_segment(request.task, out_dir, options)
     finally:
         if bar is not None:
             bar.close()
@@ -123,6 +136,7 @@ def train_segment(request: SegmentRequest, progress_artifact: str | None = None)
         dataset_hash=request.dataset.content_hash,
         result=result,
         **metrics_summary(result.metrics),
+        world_size=processes or 1,
     )
     record = json.dumps(summary.model_dump(mode="json")).encode()
     storage.write_bytes(storage.join(out_dir, RESULT_FILE), record)

@@ -22,6 +22,7 @@ class BenchReport:
     cache_build: dict[str, Any] = field(default_factory=dict)
     training: list[dict[str, Any]] = field(default_factory=list)
     data_path: list[dict[str, Any]] = field(default_factory=list)
+    overhead: list[dict[str, Any]] = field(default_factory=list)  # engine/bench/overhead.py
     checkpoint_save: dict[str, Any] = field(default_factory=dict)
     restart: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)

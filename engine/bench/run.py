@@ -29,6 +29,7 @@ from engine.bench.models import (
     build_pipeline,
     parameter_count,
 )
+from engine.bench.overhead import measure_overhead
 from engine.bench.peaks import device_peak_flops
 from engine.bench.probes import memory_kind, release_memory
 from engine.bench.report import BenchReport
@@ -110,6 +111,12 @@ def _run_all(settings: BenchSettings, device: torch.device, dtype: torch.dtype, 
     flops = {"cache": report.flops["train_step_per_sample"],
              "live": report.flops.get("train_step_live_per_sample")}
     report.training = measure_training(base, settings, dataset, cache, flops, peak)
+    report.overhead = [  # the plain step's share that is not UNet compute
+        {"batch_size": row["batch_size"], "step_seconds": row["step_seconds"]}
+        | measure_overhead(base, bench_task(base.location, settings, row["batch_size"]),
+                           dataset, cache, settings, row["step_seconds"])
+        for row in report.training
+        if row["inputs"] == "cache" and not row["levers"] and row["status"] == "ok"]
     if settings.data_path:
         log.info("data path")
         report.data_path = measure_data_path(base, settings, workdir)

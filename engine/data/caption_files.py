@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,15 @@ def is_caption_folder(folder: Path, caption_extension: str) -> bool:
     return found
 
 
-def load_caption_folder(folder: Path, caption_extension: str) -> CaptionFolder:
-    """Read every image path and caption file under ``folder`` (see the module doc)."""
+def load_caption_folder(folder: Path, caption_extension: str,
+                        skip: Callable[[str], bool] | None = None, *,
+                        keep_uncaptioned: bool = False) -> CaptionFolder:
+    """Read every image path and caption file under ``folder`` (see the module doc);
+    image names ``skip`` accepts (masks beside their images) are not rows.
+
+    ``keep_uncaptioned`` (the task captions its images: ``captioning``): an image without
+    a caption file is kept with an empty caption, for the caption step to fill, and a
+    folder without any caption is no error."""
     root = folder.resolve()
     out = CaptionFolder()
     empty: list[str] = []
@@ -106,7 +113,8 @@ def load_caption_folder(folder: Path, caption_extension: str) -> CaptionFolder:
     for directory, files in _walk(root):
         names = set(files)
         repeats = _folder_repeats(Path(root.name) / directory.relative_to(root), repeat_folders)
-        images = [n for n in files if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        images = [n for n in files if Path(n).suffix.lower() in IMAGE_EXTENSIONS
+                  and not (skip and skip(n))]
         stems = {Path(n).stem for n in images}
         orphans += [_relative(directory / n, root) for n in files
                     if n.endswith(caption_extension) and n[: -len(caption_extension)] not in stems]
@@ -119,6 +127,10 @@ def load_caption_folder(folder: Path, caption_extension: str) -> CaptionFolder:
             caption_name = Path(name).stem + caption_extension
             try:
                 _inside(image, root)
+                if caption_name not in names and keep_uncaptioned:
+                    out.missing += 1
+                    out.captions.append([""])
+                    continue
                 if caption_name not in names:
                     out.missing += 1
                     raise _Rejected(f"caption file {_relative(directory / caption_name, root)} "
@@ -133,7 +145,7 @@ def load_caption_folder(folder: Path, caption_extension: str) -> CaptionFolder:
                 empty.append(_relative(directory / caption_name, root))
     if not out.images:
         raise DatasetError(f"{folder}: no image files found")
-    if all(c is None or c == [""] for c in out.captions):
+    if not keep_uncaptioned and all(c is None or c == [""] for c in out.captions):
         raise DatasetError(_no_caption_message(folder, caption_extension, out, len(empty)))
     out.report = {
         "caption_extension": caption_extension,

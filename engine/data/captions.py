@@ -28,8 +28,18 @@ def check_columns(dataset: Any, args: DatasetArgs) -> None:
             )
 
 
-def normalized_captions(values: list[Any], column: str) -> list[list[str]]:
-    """Each example's captions as a non-empty list of strings (missing -> ``[""]``)."""
+def with_caption_column(dataset: Any, column: str) -> Any:
+    """``dataset`` with an all-empty caption ``column`` when it has none (an image folder
+    without ``metadata.jsonl``), for a task that captions its images (``captioning``)."""
+    if column in dataset.column_names:
+        return dataset
+    return dataset.add_column(column, [""] * len(dataset))
+
+
+def normalized_captions(values: list[Any], column: str,
+                        keep_uncaptioned: bool = False) -> list[list[str]]:
+    """Each example's captions as a non-empty list of strings (missing -> ``[""]``);
+    ``keep_uncaptioned`` (the task captions its images): no caption at all is no error."""
     out = []
     for i, value in enumerate(values):
         if value is None:
@@ -45,7 +55,7 @@ def normalized_captions(values: list[Any], column: str) -> list[list[str]]:
                 f"caption column {column!r}, example {i}: expected text or a "
                 f"list of texts, got {type(value).__name__}"
             )
-    if not any(has_text(c) for c in out):
+    if not keep_uncaptioned and not any(has_text(c) for c in out):
         raise DatasetError(f"caption column {column!r} has no non-empty caption")
     return out
 

@@ -23,13 +23,19 @@ import contextlib
 import hashlib
 import shutil
 import tempfile
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.data.buckets import Bucket, nearest_bucket
-from engine.data.captions import check_columns, has_text, normalized_captions
+from engine.data.captions import (
+    check_columns,
+    has_text,
+    normalized_captions,
+    with_caption_column,
+)
 from engine.data.errors import DatasetError
 from engine.data.identity import canonical_json, source_record
 from engine.data.images import check_image, skip_reason
@@ -41,6 +47,7 @@ from engine.data.layout import (
     normal_address,
     read_committed,
 )
+from engine.data.masks import KeptMasks, MaskFinder, check_mask, mask_file
 from engine.data.row_filters import apply_filters
 from engine.data.sources import Source, as_image_column, image_bytes, image_name, load_source
 from engine.task.definition import DatasetArgs
@@ -53,6 +60,7 @@ def prepare_dataset(
     work_dir: Path | None = None,
     progress: bool = False,
     buckets: tuple[Bucket, ...] | None = None,
+    keep_uncaptioned: bool = False,
 ) -> DatasetManifest:
     """Prepare the dataset of ``args`` at ``dest`` (local path or fsspec URL).
 
@@ -65,27 +73,35 @@ def prepare_dataset(
     ``buckets``: when given, each record gets ``"bucket": [w, h]``, the bucket nearest its
     size (:func:`engine.data.buckets.nearest_bucket`), and the list joins the source
     record (so the address and the reuse check follow it). None changes nothing.
+
+    ``keep_uncaptioned`` (a task with ``captioning``): images without a caption are kept
+    with an empty one for the caption step to fill (a caption folder's image without its
+    caption file, an image folder without metadata), and joins the source record.
     """
     if bool(args.url) == bool(args.name):
         raise DatasetError("dataset: set exactly one of 'url' and 'name'")
     address = normal_address(dest)
-    source_info = source_record(args, buckets)
+    source_info = source_record(args, buckets, keep_uncaptioned)
     existing = read_committed(address)
     if existing is not None and existing[0].get("source") == source_info:
         return DatasetManifest.of(address, existing[0])
     with _scratch(work_dir) as work, _progress_bars(progress):
-        source = load_source(args, work, progress=progress)
+        source = load_source(args, work, progress=progress, keep_uncaptioned=keep_uncaptioned)
+        if keep_uncaptioned:
+            source.dataset = with_caption_column(source.dataset, args.caption_column)
         check_columns(source.dataset, args)
         filtered_out = apply_filters(source, args.filters, args.image_column)
         captions = normalized_captions(
-            list(source.dataset[args.caption_column]), args.caption_column
+            list(source.dataset[args.caption_column]), args.caption_column, keep_uncaptioned
         )
         source.dataset = as_image_column(source.dataset, args.image_column)
+        masks = MaskFinder.of(args, source)  # None: no masks (nothing new is written)
         check_destination(address)
         kept = _check_examples(
-            source, args.image_column, captions, buckets=buckets, progress=progress
+            source, args.image_column, captions, buckets=buckets, progress=progress,
+            masks=masks,
         )
-        _check_usable(kept, args)
+        _check_usable(kept, args, keep_uncaptioned)
         meta = {
             "source": source_info,
             "skipped": kept.skipped,
@@ -99,7 +115,10 @@ def prepare_dataset(
         }
         if args.filters:
             meta["filtered_out"] = filtered_out
-        images = _KeptImages(source, args.image_column, kept)
+        images: Mapping[str, bytes] = _KeptImages(source, args.image_column, kept)
+        if masks is not None:
+            rows = source.dataset.select_columns([args.image_column])
+            images = ChainMap(images, KeptMasks(masks, rows, args.image_column, kept.masks))
         manifest = commit_dataset(address, images, kept.records, meta)
     return DatasetManifest.of(address, manifest)
 
@@ -113,6 +132,7 @@ class _Kept:
     skipped: list[dict] = field(default_factory=list)
     empty_captions: int = 0
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    masks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def _check_examples(
@@ -122,6 +142,7 @@ def _check_examples(
     *,
     buckets: tuple[Bucket, ...] | None,
     progress: bool,
+    masks: MaskFinder | None = None,
 ) -> _Kept:
     """Check every image (never stops on a bad one); nothing is written yet."""
     from tqdm import tqdm
@@ -150,6 +171,12 @@ def _check_examples(
         }
         if buckets is not None:
             record["bucket"] = list(nearest_bucket((width, height), buckets))
+        if masks is not None:  # a bad mask is the user's to fix: an error, never a skip
+            where, mask = masks.find(index, row[column])
+            record["mask"] = mask_file(len(kept.records), check_mask(mask, (width, height),
+                                                                     where))
+            record["mask_sha256"] = hashlib.sha256(mask).hexdigest()
+            kept.masks[record["mask"]] = (index, record["mask_sha256"])
         kept.records.append(canonical_json(record))
         kept.files[file] = (index, sha256)
         kept.empty_captions += not has_text(captions[index])
@@ -197,14 +224,14 @@ class _KeptImages(Mapping[str, bytes]):
         return len(self._files)
 
 
-def _check_usable(kept: _Kept, args: DatasetArgs) -> None:
+def _check_usable(kept: _Kept, args: DatasetArgs, keep_uncaptioned: bool = False) -> None:
     if not kept.records:
         reasons = sorted({s["reason"] for s in kept.skipped})[:5]
         raise DatasetError(
             f"no usable image in the dataset ({len(kept.skipped)} skipped; "
             f"e.g. {'; '.join(reasons)})"
         )
-    if kept.empty_captions == len(kept.records):
+    if not keep_uncaptioned and kept.empty_captions == len(kept.records):
         raise DatasetError(
             f"caption column {args.caption_column!r} has no non-empty caption "
             "among the usable images"

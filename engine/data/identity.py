@@ -20,7 +20,8 @@ DEMO_DATASET_NAME = "loraflow/demo-shapes"
 
 
 def source_record(
-    args: DatasetArgs, buckets: tuple[Bucket, ...] | None = None
+    args: DatasetArgs, buckets: tuple[Bucket, ...] | None = None,
+    keep_uncaptioned: bool = False,
 ) -> dict[str, Any]:
     """The source as recorded in the manifest and hashed into addresses: the DatasetArgs
     as a dict, with credentials removed from the URL (user:password, signatures, tokens).
@@ -33,6 +34,8 @@ def source_record(
     record = args.stable_dump(mode="json")
     if buckets is not None:
         record["bucket_list"] = [[int(b.width), int(b.height)] for b in buckets]
+    if keep_uncaptioned:  # uncaptioned images kept (for the caption step): other records
+        record["keep_uncaptioned"] = True
     if record.get("url"):
         record["url"] = redact_url(record["url"])
     if record.get("name") == DEMO_DATASET_NAME:
@@ -43,7 +46,8 @@ def source_record(
 
 
 def default_dataset_address(
-    args: DatasetArgs, root: str, buckets: tuple[Bucket, ...] | None = None
+    args: DatasetArgs, root: str, buckets: tuple[Bucket, ...] | None = None,
+    keep_uncaptioned: bool = False,
 ) -> str:
     """Where the dataset of ``args`` is prepared under ``root``: ``{root}/dataset-{hash}``.
 
@@ -51,7 +55,8 @@ def default_dataset_address(
     names, so the same source is prepared once and found again; note that a local folder
     whose files change keeps its address (prepare into a new root to pick changes up).
     """
-    digest = hashlib.sha256(canonical_json(source_record(args, buckets)).encode()).hexdigest()
+    record = source_record(args, buckets, keep_uncaptioned)
+    digest = hashlib.sha256(canonical_json(record).encode()).hexdigest()
     return f"{root.rstrip('/')}/dataset-{digest[:16]}"
 
 

@@ -3,6 +3,7 @@
 Any fsspec location (local path, ``s3://...``, ``memory://...``) holds::
 
     images/000000.png   original bytes of each kept image (never re-encoded)
+    masks/000000.png    its loss mask's original bytes, for masked subsets (engine.data.masks)
     records.jsonl       one line per kept example: file, captions, width, height, sha256
     manifest.json       written LAST (the commit marker): count, content_hash, source,
                         skipped images with reasons, columns, and every file's sha256
@@ -53,7 +54,7 @@ DATASET = FolderKind(
 )
 FORMAT = DATASET.format
 #: Names a dataset folder may hold: a folder with anything else is not overwritten.
-_OWN_NAMES = frozenset({MANIFEST_NAME, RECORDS_NAME, IMAGES_DIR, ".manifest.json.tmp"})
+_OWN_NAMES = frozenset({MANIFEST_NAME, RECORDS_NAME, IMAGES_DIR, "masks", ".manifest.json.tmp"})
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ class PreparedDataset:
         self.manifest = manifest
         self._records = records
         self._bytes: dict[int, bytes] = {}
+        self._masks: dict[int, bytes] = {}
 
     @property
     def content_hash(self) -> str:
@@ -269,3 +271,15 @@ class PreparedDataset:
     def image(self, i: int) -> Image.Image:
         """Example ``i`` as 8-bit RGB (see :func:`engine.data.images.decode_image`)."""
         return decode_image(self.image_bytes(i))
+
+    def mask(self, i: int) -> Image.Image | None:
+        """Example ``i``'s loss mask (:mod:`engine.data.masks`), None when it has none;
+        its bytes are checked and kept like the image's."""
+        from engine.data.masks import decode_mask, stored_mask_bytes
+
+        record = self._records[i]
+        if "mask" not in record:
+            return None
+        if i not in self._masks:
+            self._masks[i] = stored_mask_bytes(self.address, record)
+        return decode_mask(self._masks[i])

@@ -17,10 +17,12 @@ from engine.data.buckets import Bucket
 from engine.data.dataset import prepare_dataset
 from engine.data.identity import default_dataset_address
 from engine.data.layout import DatasetManifest, open_dataset
+from engine.data.masks import check_mask_args
 from engine.data.shard_index import open_shards
 from engine.data.shards import prepare_shards
 from engine.data.training_data import SubsetSettings, TrainingData
 from engine.model.embedded.registry import is_embedded, loraflow_home, resolve_dataset
+from engine.store import storage
 from engine.task.definition import DatasetArgs, TaskDefinition
 
 
@@ -61,10 +63,15 @@ def prepare_subsets(task: TaskDefinition, data_root: str | None,
     out = []
     for subset in task.subsets:
         args = resolved_dataset_args(subset)
+        check_mask_args(args)
         buckets = subset_buckets(subset, task)
-        prepare = prepare_shards if args.shards else prepare_dataset
-        out.append(prepare(args, default_dataset_address(args, root, buckets),
-                           progress=progress, buckets=buckets))
+        if args.shards:
+            out.append(prepare_shards(args, default_dataset_address(args, root, buckets),
+                                      progress=progress, buckets=buckets))
+            continue
+        keep = task.captioning is not None  # uncaptioned images kept for the caption step
+        out.append(prepare_dataset(args, default_dataset_address(args, root, buckets, keep),
+                                   progress=progress, buckets=buckets, keep_uncaptioned=keep))
     return out
 
 
@@ -76,17 +83,56 @@ def prepare_for_task(task: TaskDefinition, data_root: str | None,
 
 def load_dataset_for_task(task: TaskDefinition, data_root: str | None,
                           progress: bool = False) -> TrainingData:
-    """Every subset prepared and opened, as the one collection training reads."""
-    return open_subsets(task, prepare_subsets(task, data_root, progress))
+    """Every subset prepared (and captioned, with ``captioning``) and opened, as the one
+    collection training reads (the DreamBooth class subset last, made or found by
+    :func:`class_manifests`)."""
+    manifests, _ = caption_manifests(task, prepare_subsets(task, data_root, progress), data_root)
+    return open_subsets(task, manifests + class_manifests(task, data_root))
+
+
+def caption_root(data_root: str | None) -> str:
+    """The caption cache: ``captions/`` in the data folder (beside ``class-images/``), so
+    machines sharing prepared data share answers too."""
+    return storage.join(data_root or default_data_root(), "captions")
+
+
+def caption_manifests(task: TaskDefinition, manifests: list[DatasetManifest],
+                      data_root: str | None, progress: Any = None
+                      ) -> tuple[list[DatasetManifest], Any]:
+    """The subsets as training reads them once captioned (``captioning``): the caption
+    step's datasets, found when it ran before (no backend asked), made when not. Without
+    ``captioning``, ``manifests`` as they are and None."""
+    if task.captioning is None:
+        return manifests, None
+    from engine.caption.subsets import caption_subsets
+
+    return caption_subsets(task, manifests, caption_root(data_root), progress=progress)
+
+
+def class_manifests(task: TaskDefinition, data_root: str | None) -> list[DatasetManifest]:
+    """The DreamBooth class subset's manifest (generated where missing), or none."""
+    if task.dreambooth is None:
+        return []
+    from engine.infer.class_images import ensure_class_subset
+
+    return [ensure_class_subset(task, data_root or default_data_root()).manifest]
 
 
 def open_subsets(task: TaskDefinition, manifests: list[DatasetManifest]) -> TrainingData:
-    """The prepared subsets (``manifests``, in the task's order) as one collection."""
-    return TrainingData(
-        [open_shards(m.address, a) if a.shards else open_dataset(m.address)
-         for m, a in zip(manifests, task.subsets, strict=True)],
-        [SubsetSettings.of(args, task.train_args) for args in task.subsets],
-    )
+    """The prepared subsets (``manifests``, in the task's order) as one collection; a
+    manifest past the task's subsets is the DreamBooth class subset's."""
+    own, extra = manifests[:len(task.subsets)], manifests[len(task.subsets):]
+    parts = [open_shards(m.address, a) if a.shards else open_dataset(m.address)
+             for m, a in zip(own, task.subsets, strict=True)]
+    settings = [SubsetSettings.of(args, task.train_args) for args in task.subsets]
+    if extra:
+        from engine.data.class_subset import class_subset_settings
+
+        if len(extra) != 1 or task.dreambooth is None:
+            raise ValueError("one manifest per subset (and one for the class subset)")
+        parts.append(open_dataset(extra[0].address))
+        settings.append(class_subset_settings(task))
+    return TrainingData(parts, settings)
 
 
 def model_identity(base: Any) -> str:

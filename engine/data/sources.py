@@ -26,6 +26,7 @@ from engine.data.caption_files import is_caption_folder, load_caption_folder
 from engine.data.errors import ArchiveError, DatasetError
 from engine.data.identity import DEMO_DATASET_NAME
 from engine.data.images import MAX_IMAGE_BYTES, ImageRejected
+from engine.data.masks import is_mask_file, without_mask_files
 from engine.task.definition import DatasetArgs
 
 _TABULAR_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -67,8 +68,12 @@ class Source:
         return index if self.rows is None else self.rows[index]
 
 
-def load_source(args: DatasetArgs, work: Path, *, progress: bool) -> Source:
-    """Load the train split of the source ``args`` names; downloads go under ``work``."""
+def load_source(args: DatasetArgs, work: Path, *, progress: bool,
+                keep_uncaptioned: bool = False) -> Source:
+    """Load the train split of the source ``args`` names; downloads go under ``work``.
+
+    ``keep_uncaptioned``: a caption folder's image without a caption file is a row with an
+    empty caption, not a rejected one (the task captions its images)."""
     cache_dir = work / "hf-cache"
     if args.url:
         downloaded = archive_fetch.fetch(args.url, work / "download", progress=progress)
@@ -77,22 +82,25 @@ def load_source(args: DatasetArgs, work: Path, *, progress: bool) -> Source:
         except ArchiveError as err:
             raise DatasetError(f"dataset archive refused: {err}") from err
         downloaded.unlink()  # free the disk: only the extracted files are used
-        return _load_local(archive_extract.dataset_root(extracted), cache_dir, args)
+        return _load_local(archive_extract.dataset_root(extracted), cache_dir, args,
+                           keep_uncaptioned)
     name = args.name or ""
     if name == DEMO_DATASET_NAME:
         from engine.model.embedded.demo_data import build_demo_data
 
-        return _load_local(build_demo_data(work / "demo").imagefolder, cache_dir, args)
+        return _load_local(build_demo_data(work / "demo").imagefolder, cache_dir, args,
+                           keep_uncaptioned)
     local = Path(name).expanduser()
     if local.exists():
-        return _load_local(local, cache_dir, args)
+        return _load_local(local, cache_dir, args, keep_uncaptioned)
     return _load_hub(name, args.config_name, cache_dir)
 
 
 # -- local folders and files -------------------------------------------------------------
 
 
-def _load_local(path: Path, cache_dir: Path, args: DatasetArgs) -> Source:
+def _load_local(path: Path, cache_dir: Path, args: DatasetArgs,
+                keep_uncaptioned: bool = False) -> Source:
     """Load a local folder (image folder, caption folder, save_to_disk folder, or tabular
     files) or a single tabular file."""
     import datasets
@@ -101,12 +109,13 @@ def _load_local(path: Path, cache_dir: Path, args: DatasetArgs) -> Source:
     if path.is_dir() and _is_saved_dataset(path):
         return _load_saved(path)
     if path.is_dir() and is_caption_folder(path, args.caption_extension):
-        return _load_caption_folder(path, args)
+        return _load_caption_folder(path, args, keep_uncaptioned)
     if path.is_file():
         module, kwargs = _tabular_module(path)
         files, split, root = [str(path)], "train", path.parent
     else:
         split, files = _local_split_files(path)
+        files = without_mask_files(files, args)  # masks beside images are not examples
         module, kwargs, files = _folder_module(path, files)
         root = path
     search = list(dict.fromkeys([root, *(Path(f).parent for f in files)]))
@@ -120,11 +129,14 @@ def _load_local(path: Path, cache_dir: Path, args: DatasetArgs) -> Source:
     return Source(dataset, [root], search)
 
 
-def _load_caption_folder(folder: Path, args: DatasetArgs) -> Source:
+def _load_caption_folder(folder: Path, args: DatasetArgs,
+                         keep_uncaptioned: bool = False) -> Source:
     """An image folder with same-named caption files, as rows named as the task says."""
     import datasets
 
-    rows = load_caption_folder(folder, args.caption_extension)
+    rows = load_caption_folder(folder, args.caption_extension,
+                               skip=is_mask_file if args.masks == "beside" else None,
+                               keep_uncaptioned=keep_uncaptioned)
     features = datasets.Features({
         args.image_column: datasets.Image(decode=False),
         args.caption_column: datasets.Sequence(datasets.Value("string")),

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from engine.data.buckets import Bucket, bucket_list, nearest_bucket
+from engine.data.masks import wants_masks
 from engine.task.definition import CaptionArgs, DatasetArgs, TrainArgs
 
 
@@ -49,6 +50,8 @@ class SubsetSettings:
     captions: CaptionArgs
     resolution: int
     buckets: tuple[Bucket, ...]
+    #: loss weight of a masked-out pixel (``mask_min_weight``); None: no loss masks
+    mask_floor: float | None = None
 
     @classmethod
     def of(cls, args: DatasetArgs, train_args: TrainArgs) -> SubsetSettings:
@@ -59,6 +62,7 @@ class SubsetSettings:
             captions=args.captions,
             resolution=resolution,
             buckets=bucket_list(resolution, args.buckets or train_args.buckets),
+            mask_floor=args.mask_min_weight if wants_masks(args) else None,
         )
 
 
@@ -134,6 +138,18 @@ class TrainingData:
     def record(self, i: int) -> dict[str, Any]:
         k, j = self.locate(i)
         return self.parts[k].record(j)
+
+    def mask(self, i: int) -> Image.Image | None:
+        """Example ``i``'s loss mask (:mod:`engine.data.masks`); None when it has none."""
+        k, j = self.locate(i)
+        if self.settings[k].mask_floor is None or "mask" not in self.parts[k].record(j):
+            return None
+        return self.parts[k].mask(j)  # type: ignore[attr-defined]
+
+    @property
+    def masked(self) -> bool:
+        """Whether any subset trains with loss masks."""
+        return any(s.mask_floor is not None for s in self.settings)
 
     def repeats(self, i: int) -> int:
         """Uses of example ``i`` per epoch: its subset's repeats times its own (a kohya

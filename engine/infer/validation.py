@@ -21,8 +21,9 @@ from PIL import Image, PngImagePlugin
 
 from engine.errors import LoraflowError
 from engine.infer.pipeline import load_pipeline, pipeline_from_base, scheduler_for_inference
+from engine.lora.embeddings import load_trained_tokens
 from engine.lora.weights import load_into_pipeline
-from engine.model.loading import BaseModel, load_vae, training_device
+from engine.model.loading import BaseModel, inspect_model, load_vae, training_device
 from engine.model.precision import autocast, weight_dtype
 from engine.store import storage
 from engine.store.commit import read_checkpoint
@@ -181,6 +182,7 @@ def validate_checkpoint(task: TaskDefinition, checkpoint_url: str, output_dir: s
                              render_validation(pipe, task, prompts, device, dtype))
     # from the file (its alpha metadata), the one published: the EMA when it is
     load_into_pipeline(pipe, loaded.files[published_source(task)])
+    load_trained_tokens(pipe, task, inspect_model(task.model)[1], loaded.files)  # lora.new_tokens
     images = render_validation(pipe, task, prompts, device, dtype)
     lora = write_validation(output_dir, task, prompts, images, loaded.global_step)
     return CheckpointImages(lora=lora, base=base)

@@ -31,6 +31,11 @@ from typing import Any
 from safetensors.torch import load as load_tensors
 
 from engine.lora.card import CardFiles, render_model_card
+from engine.lora.embeddings import (
+    bundle_new_tokens,
+    new_tokens_section,
+    write_embedding_files,
+)
 from engine.lora.formats import alphas_from_adapter_metadata, diffusers_to_kohya
 from engine.lora.lycoris import module_weights, needs_base_weights, peft_to_lycoris
 from engine.lora.metadata import (
@@ -106,12 +111,15 @@ def publish_lora(
     weights = _weight_files(source, facts, kohya_file_name(task, run_summary))
     weights, roles = _ema_weight_files(task, weights, loaded.files, facts,
                                        kohya_file_name(task, run_summary))
+    weights = bundle_new_tokens(task, family, weights, roles, loaded.files)  # lora.new_tokens
     _remove_stale_weights(lora_dir, keep=set(weights))
     published: dict[str, Any] = {"lora_dir": lora_dir, "diffusers": None, "kohya": None}
     for name, data in weights.items():
         url = storage.join(lora_dir, name)
         storage.write_bytes(url, data)
         published[roles[name]] = url
+    embeddings = write_embedding_files(task, family, loaded.files, lora_dir)  # {token: URL}
+    published |= {f"embedding:{token}": url for token, url in embeddings.items()}
 
     images = _copy_validation_images(validation_images, lora_dir)
     base = _copy_validation_images(base_images or [], lora_dir, "validation/base")
@@ -127,7 +135,8 @@ def publish_lora(
     texts = {
         "task.json": _json_text(public_task_dict(task)),
         "run_summary.json": _json_text(redact_values(run_summary)),
-        "README.md": render_model_card(facts, card_files, captions) + _ema_section(task, roles),
+        "README.md": render_model_card(facts, card_files, captions) + _ema_section(task, roles)
+        + new_tokens_section(task, embeddings),
     }
     for name, text in texts.items():
         storage.write_bytes(storage.join(lora_dir, name), text.encode("utf-8"))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.errors import LoraflowError
+from engine.model.new_tokens import spelled_out
 
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
@@ -91,11 +92,17 @@ def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any],
 #: tiny step) and gives the same ids every time, so remembering them changes no bit.
 _TOKEN_IDS: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 _TOKEN_IDS_PER_TOKENIZER = 8192  # shuffled tags make captions without end: stay bounded
+#: The vocabulary size the ids of _TOKEN_IDS were computed at: added tokens
+#: (engine/model/new_tokens.py) change a caption's ids, so its remembered ones are dropped.
+_VOCAB_SIZES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """Token ids [B, max_length] of ``captions``, each padded and truncated on its own (as
     a batch call does with ``padding="max_length"``)."""
+    if _VOCAB_SIZES.get(tokenizer) != (size := len(tokenizer)):
+        _TOKEN_IDS.pop(tokenizer, None)
+        _VOCAB_SIZES[tokenizer] = size
     known = _TOKEN_IDS.setdefault(tokenizer, {})
     missing = [c for c in dict.fromkeys(captions) if c not in known]
     if missing:
@@ -103,7 +110,7 @@ def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
             known.clear()
             missing = list(dict.fromkeys(captions))
         ids = tokenizer(
-            missing,
+            [spelled_out(tokenizer, c) for c in missing],
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,

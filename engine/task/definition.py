@@ -12,6 +12,7 @@ from these classes by :func:`task_json_schema`; a test keeps the two in step.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -221,7 +222,7 @@ class DatasetArgs(_Strict):
 
     _omit_when_default = frozenset({
         "shards", "filters", "caption_extension", "repeats", "loss_weight", "captions",
-        "resolution", "buckets",
+        "resolution", "buckets", "masks", "mask_column", "mask_min_weight",
     })
 
     url: str | None = Field(
@@ -275,6 +276,20 @@ class DatasetArgs(_Strict):
     )
     buckets: BucketArgs | None = Field(
         None, description="loraflow: this subset's buckets; null: train_args.buckets."
+    )
+    masks: Literal["none", "beside"] = Field(
+        "none",
+        description="loraflow: 'beside': each image name.ext has a loss mask name_mask.png (any "
+        "image extension) beside it (image and kohya folders); white trains, black is ignored.",
+    )
+    mask_column: str | None = Field(
+        None, min_length=1,
+        description="loraflow: column holding each row's loss mask (an image, or a path like the "
+        "image column's); instead of masks 'beside'.",
+    )
+    mask_min_weight: float = Field(
+        0.0, ge=0, le=1,
+        description="loraflow: loss weight of a masked-out (black) pixel; 0 ignores it.",
     )
 
     @field_validator("filters", mode="before")
@@ -459,7 +474,8 @@ class EmaArgs(_Strict):
 
 
 class TrainArgs(_Strict):
-    _omit_when_default = frozenset({"optimizer", "ema", "buckets", "cached_crops"})
+    _omit_when_default = frozenset({"optimizer", "ema", "buckets", "cached_crops",
+                                    "deterministic", "compile", "digest_steps"})
 
     learning_rate: float = Field(1e-4, gt=0, description="Initial learning rate after warmup.")
     batch_size: int = Field(16, ge=1, description="Samples per micro-batch.")
@@ -515,6 +531,14 @@ class TrainArgs(_Strict):
         description="loraflow: keep only the newest this many in-segment checkpoints; older "
         "ones are deleted only after a newer one is committed. null: keep all.",
     )
+    digest_steps: int | None = Field(
+        None,
+        ge=1,
+        description="loraflow: record a digest (the step's loss, a sha256 of the trained "
+        "weights and of the optimizer state) every this many optimizer steps in each "
+        "checkpoint's manifest, for `loraflow verify`; in-segment checkpoints and the "
+        "segment's first and last step always get one. null: about 16 per segment.",
+    )
     cached_crops: int | None = Field(
         None,
         ge=1,
@@ -534,6 +558,19 @@ class TrainArgs(_Strict):
         False,
         description="loraflow: run the UNet in channels-last memory format (faster convolutions "
         "on recent GPUs). Results may differ from channels-first in the last bits.",
+    )
+    deterministic: bool = Field(
+        True,
+        description="loraflow: on a GPU, only deterministic kernels (deterministic algorithms, "
+        "cuDNN without autotuning, a fixed cuBLAS workspace, no TF32), so k segments equal one "
+        "run bit for bit. false: the fastest kernels; runs may differ in the last bits. No "
+        "effect on a CPU.",
+    )
+    compile: bool = Field(
+        False,
+        description="loraflow: compile the UNet's blocks with torch.compile (faster steps on a "
+        "GPU after a compile of a minute or more per segment). Results differ from eager "
+        "mode in the last bits.",
     )
     buckets: BucketArgs | None = Field(
         None,
@@ -590,8 +627,58 @@ class ConvLoraArgs(_Strict):
     )
 
 
+class NewTokenArgs(_Strict):
+    """loraflow addition: a new token (pivotal tuning): added to the tokenizer(s), its
+    embedding initialised from existing tokens and trained with the LoRA.
+
+    The initialisation is data, never code: ``init_pattern`` is a regular expression
+    (Python ``re.search``) over the vocabulary's token strings (CLIP marks a word's end
+    with ``</w>``: ``"^dog</w>$"``), ``init_words`` a list of words; either way the new
+    embedding is the mean of the chosen tokens' embeddings (per text encoder).
+    """
+
+    token: str = Field(
+        min_length=1, max_length=64, pattern=r"^[^\s.,]+$",
+        description="The new token as captions write it, e.g. '<sks>' or '[fernando]' (no "
+        "spaces, dots or commas); refused if the tokenizer already has it.",
+    )
+    init_pattern: str | None = Field(
+        None, min_length=1, description="Regex over the vocabulary; the mean of the matching "
+        "tokens' embeddings. Exactly one of init_pattern and init_words is set.",
+    )
+    init_words: list[str] | None = Field(
+        None, min_length=1, description="Words whose tokens' mean embedding starts the token.",
+    )
+    num_vectors: int = Field(
+        1, ge=1, le=32, description="Embedding vectors of the token; above 1 the tokenizer gets "
+        "token, token_1, ... (as diffusers' textual inversion), and captions keep writing token.",
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of this token's embeddings; null: "
+        "train_args.learning_rate.",
+    )
+
+    @model_validator(mode="after")
+    def _one_init(self) -> NewTokenArgs:
+        if (self.init_pattern is None) == (self.init_words is None):
+            raise ValueError(f"token {self.token!r}: set exactly one of init_pattern and "
+                             "init_words")
+        if self.init_pattern is not None:
+            try:
+                re.compile(self.init_pattern)
+            except re.error as exc:
+                raise ValueError(f"token {self.token!r}: init_pattern {self.init_pattern!r} "
+                                 f"is not a regular expression: {exc}") from None
+        return self
+
+    @property
+    def vector_names(self) -> list[str]:
+        """The tokenizer entries of this token: token, token_1, ... (num_vectors of them)."""
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
+
+
 class LoraArgs(_Strict):
-    _omit_when_default = frozenset({"type", "conv", "lokr_factor"})
+    _omit_when_default = frozenset({"type", "conv", "lokr_factor", "new_tokens"})
 
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     init_lora_weights: bool | Literal["gaussian", "loftq"] = Field(
@@ -631,6 +718,20 @@ class LoraArgs(_Strict):
         description="loraflow: LoKr's Kronecker factor (PEFT decompose_factor); -1: the "
         "factor nearest the square root of each dimension.",
     )
+    new_tokens: list[NewTokenArgs] = Field(
+        default_factory=list,
+        description="loraflow: new tokens whose embeddings train with the LoRA (both text "
+        "encoders for SDXL), published in the kohya file (bundle_emb) and as "
+        "textual-inversion files; captions are then encoded every step (no text cache).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> LoraArgs:
+        names = [n for t in self.new_tokens for n in t.vector_names]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"lora.new_tokens names {twice} more than once")
+        return self
 
 
 class TransformArgs(_Strict):
@@ -722,6 +823,52 @@ class CaptioningArgs(_Strict):
     max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed API request.")
 
 
+class DreamBoothArgs(_Strict):
+    """loraflow: DreamBooth with prior preservation.
+
+    The task's subsets are the instance images (their captions, or a caption prefix, hold
+    the identifier, e.g. 'sks dog'); a class subset of ``num_class_images`` images captioned
+    ``class_prompt`` trains beside them with loss weight ``prior_loss_weight``, so the
+    model keeps what the class looks like. The class images are taken from
+    ``class_data_dir`` and/or generated by the base model itself (cached, resumable,
+    deterministic: a re-run generates nothing).
+    """
+
+    class_prompt: str = Field(min_length=1, description="Prompt of the class, e.g. 'a dog'.")
+    num_class_images: int = Field(
+        100, ge=1, le=100_000, description="Class images trained on (diffusers' default: 100)."
+    )
+    prior_loss_weight: float = Field(
+        1.0, gt=0, description="Loss weight of the class images' samples."
+    )
+    class_data_dir: str | None = Field(
+        None, min_length=1,
+        description="A folder (path or fsspec URL) of class images used first, in name "
+        "order; what it lacks is generated (unless generate is false).",
+    )
+    generate: bool = Field(
+        True, description="Generate the class images class_data_dir does not provide.",
+    )
+    seed: int | None = Field(
+        None, description="Seed of the generation; null: the task's seed."
+    )
+    num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance.")
+    negative_prompt: str | None = Field(None, description="Negative prompt of the generation.")
+    resolution: int | None = Field(
+        None, ge=8, multiple_of=8,
+        description="Side of the generated (square) images; null: train_args.resolution.",
+    )
+    batch_size: int = Field(4, ge=1, le=64, description="Images generated per pipeline call.")
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DreamBoothArgs:
+        if not self.generate and self.class_data_dir is None:
+            raise ValueError("generate is false and no class_data_dir is given: the class "
+                             "images must come from somewhere")
+        return self
+
+
 class TaskDefinition(_Strict):
     """A whole fine-tuning task, as a Crynux node receives it."""
 
@@ -729,7 +876,9 @@ class TaskDefinition(_Strict):
         extra="forbid", validate_assignment=True, title="FinetuneLoraTaskArgs"
     )
 
-    _omit_when_default = frozenset({"datasets", "training_type", "full_finetune", "captioning"})
+    _omit_when_default = frozenset({
+        "datasets", "training_type", "full_finetune", "captioning", "dreambooth",
+    })
 
     model: ModelArgs = Field(description="The pretrained base model.")
     dataset: DatasetArgs | None = Field(
@@ -780,9 +929,15 @@ class TaskDefinition(_Strict):
     captioning: CaptioningArgs | None = Field(
         None, description="loraflow: caption the images before training (see CaptioningArgs).",
     )
+    dreambooth: DreamBoothArgs | None = Field(
+        None, description="loraflow: DreamBooth prior preservation: a class subset of "
+        "generated or given images (see DreamBoothArgs). null: off.",
+    )
 
     @model_validator(mode="after")
     def _full_or_lora(self) -> TaskDefinition:
+        if self.training_type == "full" and self.lora.new_tokens:
+            raise ValueError("lora.new_tokens is for training_type 'lora'")
         if self.training_type == "full" and self.lora.text_encoder is not None:
             raise ValueError("lora.text_encoder is for training_type 'lora'; a full fine-tune "
                              "trains the text encoder with full_finetune.train_text_encoder")
@@ -814,11 +969,12 @@ class TaskDefinition(_Strict):
 
     @property
     def trains_text_encoder(self) -> bool:
-        """Text encoder weights learn (a LoRA on them, or a full fine-tune of them): captions
-        are then encoded every step, with gradients, never from the cache."""
+        """Text encoder weights learn (a LoRA on them, a full fine-tune of them, or new
+        tokens' embeddings): captions are then encoded every step, with gradients, never
+        from the cache."""
         if self.training_type == "full":
             return self.full_finetune.train_text_encoder
-        return self.lora.text_encoder is not None
+        return self.lora.text_encoder is not None or bool(self.lora.new_tokens)
 
     @property
     def lora_alpha(self) -> float:

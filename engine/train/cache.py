@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from engine.data.buckets import Bucket
+from engine.data.mask_transforms import crop_mask
 from engine.data.training_data import SubsetSettings
 from engine.data.transforms import apply_crop, plan_crop
 from engine.model.components import override_settings
@@ -55,7 +56,7 @@ from engine.store.commit import (
 )
 from engine.store.safetensors_io import dump
 from engine.task.definition import CaptionArgs, TaskDefinition
-from engine.train.bucket_sides import check_bucket_sides
+from engine.train.bucket_sides import check_bucket_sides, vae_factor
 from engine.train.caption_rules import caption_variants
 from engine.train.samples import (
     crop_candidates,
@@ -162,6 +163,10 @@ class Cache:
         key = latent_key(index, flip, crop)
         return self.latents[f"{key}.mean"], self.latents[f"{key}.std"]
 
+    def mask(self, index: int, flip: bool, crop: int | None = None) -> torch.Tensor | None:
+        """The latent-size loss mask stored beside that latent; None when it has none."""
+        return self.latents.get(f"{latent_key(index, flip, crop)}.mask")
+
     def text(self, caption: str) -> dict[str, torch.Tensor]:
         prefix = caption_key(caption) + "."
         found = {k[len(prefix) :]: v for k, v in self.texts.items() if k.startswith(prefix)}
@@ -200,12 +205,15 @@ def build_cache_files(
             else:
                 candidates = crop_candidates(data.size(i), data.bucket(i), count, task.seed, i)
                 crops = list(enumerate(candidates))
-            image = data.image(i)
+            image, mask = data.image(i), data.mask(i)
             for choice, crop in crops:
                 for flip in flips:
                     mean, std = encode_image(base.vae, apply_crop(image, crop, flip=flip), where)
                     key = latent_key(i, flip, choice)
                     latents[f"{key}.mean"], latents[f"{key}.std"] = mean, std
+                    if mask is not None:  # loss masks: the same crop, at latent size
+                        latents[f"{key}.mask"] = crop_mask(mask, crop, flip=flip,
+                                                           factor=vae_factor(base))
             if progress:
                 progress(i + 1, len(data))
         files["latents.safetensors"] = _tensors_bytes(latents)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.train.clock import SegmentClock
+from engine.train.distributed import agreed_stop
 from engine.train.metrics import MetricsLog
 from engine.train.options import StepCallback, StepReport, StopReason
 from engine.train.samples import SampleSource
@@ -41,11 +42,11 @@ def train(tr: Trainer, source: SampleSource, end: int, *, clock: SegmentClock,
           progress: bool = False) -> StopReason:
     """Train from ``tr.global_step`` until a stop before ``end``; returns why it stopped."""
     start = tr.global_step
-    batches = micro_batch_stream(source, tr.plan, start, end, workers)
+    batches = micro_batch_stream(source, tr.plan, start, end, workers, tr.world)
     bar = progress_bar(progress, start, end)
     log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
     try:
-        while (stop := stop_reason(tr, end, clock, should_stop)) is None:
+        while (stop := agreed_stop(tr.world, stop_reason(tr, end, clock, should_stop))) is None:
             t0 = time.monotonic()
             step = train_step(tr, batches, source)
             seconds = time.monotonic() - t0
@@ -60,6 +61,7 @@ def train(tr: Trainer, source: SampleSource, end: int, *, clock: SegmentClock,
             })
             bar.update(1)
             bar.set_postfix(loss=f"{step['loss']:.4f}")
+            saver.record_step(tr, step["loss"], end)  # the digest trail (digests.py)
             checkpoint = saver.save_intermediate(tr) if saver.due(tr.global_step, end) else None
             if on_step is not None:
                 on_step(StepReport(

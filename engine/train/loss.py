@@ -38,10 +38,21 @@ def target_for(noise_scheduler: Any, prediction_type: str, latents: torch.Tensor
 
 
 def per_sample_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of each sample (fp32), optionally weighted."""
+    """Mean squared error of each sample (fp32), optionally weighted.
+
+    ``masks`` (loss masks, [B, 1, h, w], :mod:`engine.train.loss_masks`) weight each
+    latent pixel's error, and the sample's loss is the MEAN over all its pixels of
+    mask * error (kohya's choice), not divided by the mask's sum: so a white mask is
+    bit for bit no mask, a pixel weighs the same in every image (a small subject adds
+    less than a large one, as its pixels are fewer), and an all-black mask gives a
+    zero loss, not 0 / 0. None keeps the plain mean.
+    """
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if masks is not None:
+        loss = loss * masks
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     return loss if weights is None else loss * weights
 

@@ -1,11 +1,12 @@
 """The optimizers a task can pick, each built from its own options in the task.
 
-``train_args.optimizer.name`` picks one; AdamW (torch, ``foreach=False``) stays the
-default and is built exactly as before, so a task that names none trains to the same
-bytes. The others come from well-kept libraries installed as extras: bitsandbytes
-(``loraflow[bnb]``), prodigyopt and schedulefree (``loraflow[optimizers]``); Adafactor is
-transformers' own. :func:`check_optimizer` refuses, before any model is loaded, an
-optimizer whose library is missing or that cannot run on the training device.
+``train_args.optimizer.name`` picks one; AdamW (torch, ``foreach=False`` on a CPU, fused
+on CUDA) stays the default and is built on a CPU exactly as before, so a task that names
+none trains to the same bytes. The others come from well-kept libraries installed as
+extras: bitsandbytes (``loraflow[bnb]``), prodigyopt and schedulefree
+(``loraflow[optimizers]``); Adafactor is transformers' own. :func:`check_optimizer`
+refuses, before any model is loaded, an optimizer whose library is missing or that cannot
+run on the training device.
 
 Schedule-free AdamW evaluates its gradients at other weights than it publishes: between
 two steps the trainer keeps it in eval mode (:func:`leave_step`), so the weights a
@@ -22,6 +23,7 @@ import torch
 
 from engine.task.definition import TaskDefinition
 from engine.task.validation import Problem, TaskValidationError
+from engine.train.foreach_steps import foreach_steps
 
 #: optimizer name -> (module it needs, the extra that installs it)
 LIBRARIES: dict[str, tuple[str, str]] = {
@@ -38,8 +40,9 @@ def build_optimizer(task: TaskDefinition, groups: list[dict[str, Any]]) -> torch
     betas = (adam.beta1, adam.beta2)
     opts: Any = choice.options
     if choice.name == "adamw":
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=adam.weight_decay,
-                                 eps=adam.epsilon, foreach=False)
+        return foreach_steps(torch.optim.AdamW(  # same bits, less Python (foreach_steps.py)
+            groups, betas=betas, weight_decay=adam.weight_decay, eps=adam.epsilon,
+            **adamw_kernel(groups)))
     if choice.name == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -74,6 +77,13 @@ def build_optimizer(task: TaskDefinition, groups: list[dict[str, Any]]) -> torch
         optimizer.eval()  # the weights between steps are the averaged ones (see above)
         return optimizer
     raise ValueError(f"unknown optimizer {choice.name!r}")  # the schema refuses it first
+
+
+def adamw_kernel(groups: list[dict[str, Any]]) -> dict[str, bool]:
+    """AdamW's implementation: fused on CUDA (one kernel for every weight, elementwise and
+    so deterministic), the per-weight loop elsewhere, whose bits CPU checkpoints hold."""
+    cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    return {"fused": True} if cuda and groups else {"foreach": False}
 
 
 # -- refusing what cannot run, before any model is loaded --------------------------------

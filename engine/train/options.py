@@ -88,6 +88,9 @@ class SegmentResult:
     #: uses and micro-batches per epoch, each bucket and subset, skipped files; None
     #: when the segment returned before opening the data (already committed)
     data: dict[str, Any] | None = None
+    #: why this segment will not match one uninterrupted run bit for bit (it resumed a
+    #: checkpoint trained with another thread count, device type or torch version)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -29,6 +29,7 @@ from engine.store.commit import (
 from engine.train.clock import SegmentClock
 from engine.train.ema import restore_ema
 from engine.train.full_finetune import WEIGHTS_FILE, restore_weights
+from engine.train.new_token_state import restore_new_tokens
 from engine.train.options import SegmentResult, StopReason
 from engine.train.plan import TrainingPlan
 from engine.train.saver import FINAL_DIR, INTERMEDIATE_DIR, segment_dir_of
@@ -168,6 +169,7 @@ def restore(tr: Trainer, loaded: LoadedCheckpoint) -> dict[str, Any]:
         restore_optimizer(tr.optimizer, list(tr.params), loaded.files[OPTIMIZER_FILE],
                           state["optimizer"])
         restore_scheduler(tr.lr_scheduler, state["lr_scheduler"])
+        restore_new_tokens(tr.params, tr.ema, loaded.files)  # after the EMA's restore
         if tr.scaler and state.get("grad_scaler"):
             tr.scaler.load_state_dict(state["grad_scaler"])
         tr.global_step = int(state["global_step"])

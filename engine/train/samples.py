@@ -39,14 +39,18 @@ import torch
 
 from engine.data.buckets import Bucket
 from engine.data.training_data import SubsetSettings, TrainingData
-from engine.data.transforms import CropPlan, apply_crop, plan_crop
+from engine.data.transforms import CropPlan, plan_crop
 from engine.model.family import encode_captions, sdxl_time_ids
 from engine.model.precision import autocast
 from engine.task.definition import CaptionArgs, TaskDefinition
 from engine.train.bucket_sides import check_bucket_sides, vae_factor
 from engine.train.caption_rules import caption_for
+from engine.train.live_encode import frozen, posterior
+from engine.train.loss_masks import batch_weights, sample_mask
 from engine.train.plan import SampleRef
+from engine.train.resized_images import ResizedImages
 from engine.train.seeding import generator
+from engine.train.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,8 @@ def encode_image(vae: Any, pixels: torch.Tensor,
     ``where`` is :func:`placement` of ``vae``, read once by a caller that encodes many.
     """
     device, dtype = where or placement(vae)
-    x = pixels[None].to(device, dtype)
-    dist = vae.encode(x).latent_dist
-    return dist.mean[0].cpu(), dist.std[0].cpu()
+    mean, std = posterior(vae, pixels[None].to(device, dtype))  # = vae.encode's latent_dist
+    return mean[0].cpu(), std[0].cpu()
 
 
 @torch.no_grad()
@@ -178,6 +181,8 @@ class Batch:
     time_ids: torch.Tensor | None
     #: each sample's subset loss_weight; None when every subset's is 1.0 (old tasks)
     sample_weights: torch.Tensor | None = None
+    #: per-latent-pixel loss weights [B, 1, h, w] from loss masks; None: no subset has masks
+    masks: torch.Tensor | None = None
 
 
 def draw_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, ref: SampleRef) -> torch.Tensor:
@@ -209,6 +214,7 @@ class PreparedSample:
     pixels: torch.Tensor | None  # None when the latent posterior comes from the cache
     posterior: tuple[torch.Tensor, torch.Tensor] | None
     conditioning: dict[str, torch.Tensor] | None  # None when encoded live
+    mask: torch.Tensor | None = None  # latent-size loss mask [1, h, w]; None: none
 
 
 class SampleSource:
@@ -230,6 +236,7 @@ class SampleSource:
         self.factor = vae_factor(base)
         weights = [s.loss_weight for s in self.dataset.settings]
         self.weighted = any(w != 1.0 for w in weights)
+        self._resized = ResizedImages()  # each image decoded once per process (bounded)
 
     @cached_property
     def _vae_placement(self) -> tuple[torch.device, torch.dtype]:
@@ -256,11 +263,12 @@ class SampleSource:
                      else None)
         pixels = None
         if posterior is None:
-            pixels = apply_crop(data.image(i), d.crop, flip=d.flip)
+            pixels = self._resized.pixels(data, i, d.crop, d.flip)  # = apply_crop's
         cond = cache.text(d.caption) if cached and cache.has_text else None
         if s.trains_text:
             cond = None  # encoded with gradients in the main process
-        return PreparedSample(ref, d, noise, t, pixels, posterior, cond)
+        mask = sample_mask(data, i, d, cache, self.factor) if data.masked else None
+        return PreparedSample(ref, d, noise, t, pixels, posterior, cond, mask)
 
     def batch(self, samples: list[PreparedSample]) -> Batch:
         base, seed, trains_text = self.base, self.settings.seed, self.settings.trains_text
@@ -271,7 +279,8 @@ class SampleSource:
             if s.posterior is not None:
                 mean, std = s.posterior
             else:
-                mean, std = encode_image(base.vae, s.pixels, self._vae_placement)
+                with frozen():  # the draw below makes a plain tensor of it
+                    mean, std = encode_image(base.vae, s.pixels, self._vae_placement)
             latents.append(draw_latent(mean, std, seed, s.ref) * base.vae_scaling_factor)
             if trains_text:
                 continue
@@ -280,7 +289,8 @@ class SampleSource:
                 continue
             caption = s.decision.caption
             if caption not in encoded:
-                encoded[caption] = encode_caption(base, caption)
+                with frozen():  # stacked below into a plain tensor
+                    encoded[caption] = encode_caption(base, caption)
             conds.append(encoded[caption])
         time_ids = None
         if base.family.is_sdxl:
@@ -295,7 +305,8 @@ class SampleSource:
                 conditioning = encode_captions(base.family, base.tokenizers, base.text_encoders,
                                                [s.decision.caption for s in samples], device)
         else:
-            conditioning = {k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]}
+            conditioning = {k: to_device(torch.stack([c[k] for c in conds]), device)
+                            for k in conds[0]}
         weights = None
         if self.weighted:
             weights = torch.tensor(
@@ -303,12 +314,14 @@ class SampleSource:
                 dtype=torch.float32,
             ).to(device)
         return Batch(
-            latents=torch.stack(latents).to(device),
-            noise=torch.stack([s.noise for s in samples]).to(device),
-            timesteps=torch.cat([s.timestep for s in samples]).to(device),
+            latents=to_device(torch.stack(latents), device),
+            noise=to_device(torch.stack([s.noise for s in samples]), device),
+            timesteps=to_device(torch.cat([s.timestep for s in samples]), device),
             conditioning=conditioning,
             time_ids=time_ids,
             sample_weights=weights,
+            masks=(to_device(batch_weights(samples, self.dataset), device)
+                   if self.dataset.masked else None),
         )
 
 

@@ -23,8 +23,12 @@ from engine.lora.weights import LORA_FILE, lora_file_bytes
 from engine.store import storage
 from engine.store.commit import commit_checkpoint, list_committed, remove_checkpoint
 from engine.train.clock import SegmentClock
+from engine.train.determinism import runtime_record
+from engine.train.digests import DigestTrail
+from engine.train.distributed import SINGLE, World, check_ranks_agree, committed, world_meta
 from engine.train.ema import ema_files
 from engine.train.full_finetune import WEIGHTS_FILE, weights_file_bytes
+from engine.train.new_token_state import new_token_files
 from engine.train.state import (
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -85,6 +89,7 @@ def checkpoint_files(tr: Trainer, extra_state: dict[str, Any]) -> dict[str, byte
         OPTIMIZER_FILE: moments,
         STATE_FILE: json.dumps(state, indent=2, sort_keys=True).encode(),
         **ema_files(tr.ema, tr.params, lora_bytes),  # the average, when train_args.ema
+        **new_token_files(tr.params, tr.ema),  # lora.new_tokens' rows, when trained
     }
 
 
@@ -102,6 +107,8 @@ class CheckpointSaver:
     clock: SegmentClock
     every: int | None  # checkpointing_steps
     keep: int | None  # checkpoints_total_limit
+    world: World = SINGLE  # several processes: only rank 0 writes (engine/train/distributed)
+    trail: DigestTrail | None = None  # the digest trail each manifest carries (digests.py)
 
     def due(self, step: int, end: int) -> bool:
         """Whether an in-segment checkpoint is due after ``step`` (never at the end).
@@ -112,16 +119,22 @@ class CheckpointSaver:
 
     def commit(self, tr: Trainer, url: str) -> str:
         t0 = time.monotonic()
-        files = checkpoint_files(tr, {
-            "identity": self.identity,
-            "task_fingerprint": fingerprint(self.identity),
-            "started_from_step": self.segment_start,
-            "seconds_per_step": self.clock.seconds_per_step(),
-        })
-        commit_checkpoint(url, files, meta={
-            "global_step": tr.global_step, "task_fingerprint": fingerprint(self.identity),
-            "finished": tr.finished,
-        })
+        check_ranks_agree(self.world, tr.params, tr.global_step)  # several processes
+        if self.world.writes:  # rank 0 writes; the other ranks wait for it below
+            files = checkpoint_files(tr, {
+                "identity": self.identity,
+                "task_fingerprint": fingerprint(self.identity),
+                "started_from_step": self.segment_start,
+                "seconds_per_step": self.clock.seconds_per_step(),
+            })
+            commit_checkpoint(url, files, meta={
+                "global_step": tr.global_step, "task_fingerprint": fingerprint(self.identity),
+                "finished": tr.finished,
+                "runtime": runtime_record(tr.base.device),  # threads etc.: a resume compares
+                **world_meta(self.world),  # for information: not part of the identity
+                **(self.trail.meta() if self.trail else {}),  # for loraflow verify
+            })
+        committed(self.world)
         seconds = time.monotonic() - t0
         self.clock.record_save(seconds)
         log.info("committed %s at step %d (%.2f s)", url, tr.global_step, seconds)
@@ -130,10 +143,17 @@ class CheckpointSaver:
     def save_intermediate(self, tr: Trainer) -> str:
         root = storage.join(self.output_dir, INTERMEDIATE_DIR)
         url = self.commit(tr, storage.join(root, f"step-{tr.global_step:08d}"))
-        if self.keep:
+        if self.keep and self.world.writes:
             for old in list_committed(root)[: -self.keep]:
                 remove_checkpoint(old)  # uncommit first: a kill mid-delete leaves no torn one
         return url
 
+    def record_step(self, tr: Trainer, loss: float, end: int) -> None:
+        """After each step: the trail's point, if due (always before a checkpoint)."""
+        if self.trail is not None:
+            self.trail.record(tr, loss, forced=self.due(tr.global_step, end))
+
     def save_final(self, tr: Trainer) -> str:
+        if self.trail is not None:
+            self.trail.close(tr)
         return self.commit(tr, storage.join(self.output_dir, FINAL_DIR))

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import asdict
 
+from engine.data.class_subset import class_subset_names
 from engine.data.epoch_summary import epoch_summary
 from engine.data.prepared import load_dataset_for_task, model_identity
 from engine.data.training_data import TrainingData
@@ -28,6 +29,9 @@ from engine.model.loading import load_base_model, training_device
 from engine.task.definition import TaskDefinition
 from engine.train.cache import ensure_cache
 from engine.train.clock import SegmentClock
+from engine.train.determinism import apply_kernel_mode, resume_warnings
+from engine.train.digests import segment_trail
+from engine.train.distributed import join_world, rank_zero_first
 from engine.train.loop import train
 from engine.train.metrics import MetricsLog
 from engine.train.optimizers import check_optimizer
@@ -50,6 +54,7 @@ def run_segment(task: TaskDefinition, output_dir: str,
     opts = opts or SegmentOptions()
     budget = opts.budget_seconds or task.train_args.segment_budget_seconds
     clock = SegmentClock(budget, started_at=opts.started_at or time.monotonic())
+    world = join_world(training_device())  # torchrun's processes (data parallel), or one
 
     # -- where to start: refused or returned before any model is loaded
     checkpoint_in = opts.checkpoint or task.checkpoint
@@ -67,12 +72,15 @@ def run_segment(task: TaskDefinition, output_dir: str,
 
     # -- set up: the model, the trainer at its starting point, the data
     with phase("model loading"):
+        apply_kernel_mode(task.train_args.deterministic, training_device())  # before CUDA work
         base = load_base_model(task, training_device())
     with phase("adapter set-up"):
         trainer = build_trainer(task, base, plan)
+        trainer.world = world
     with phase("checkpoint restore"):
         resume_from = newest_intermediate(output_dir, identity, start_step) or given
         previous = restore(trainer, resume_from) if resume_from else {}
+        warnings = resume_warnings(resume_from.meta, base.device) if resume_from else []
     start, end = trainer.global_step, plan.segment_end(start_step)
     clock.resume_from(previous.get("seconds_per_step"))
     _expect_after_save(clock, task, plan, opts.validate, checkpoint_in)
@@ -82,13 +90,14 @@ def run_segment(task: TaskDefinition, output_dir: str,
                  "can still come from the cache)")
     with phase("cache opening"):
         if opts.cache_root:
-            cache = ensure_cache(task, base, dataset, opts.cache_root, model_identity(base),
-                                 progress=None)
+            cache = rank_zero_first(world, lambda: ensure_cache(  # built once, by rank 0
+                task, base, dataset, opts.cache_root, model_identity(base), progress=None))
         source = SampleSource(task, dataset, base, cache)
     metrics = MetricsLog()
     ta = task.train_args
     saver = CheckpointSaver(output_dir, identity, start_step, clock, ta.checkpointing_steps,
-                            ta.checkpoints_total_limit)
+                            ta.checkpoints_total_limit, world=world,
+                            trail=segment_trail(task, trainer, resume_from, start_step, end))
 
     # -- train, then commit whatever stopped it
     if start >= plan.total_steps:
@@ -111,11 +120,11 @@ def run_segment(task: TaskDefinition, output_dir: str,
 
     # -- what the segment leaves beside its checkpoint
     images: list[str] = []
-    if opts.validate:
+    if opts.validate and world.writes:  # only rank 0 writes
         images = validation.validate_in_segment(task, base, trainer.prediction_type, dataset,
                                                 output_dir, trainer.global_step)
     with phase("metrics flush"):
-        metrics_url = metrics.publish(output_dir) if metrics.records else None
+        metrics_url = metrics.publish(output_dir) if metrics.records and world.writes else None
         metrics.close()
     return SegmentResult(
         steps_done=trainer.global_step - start_step, start_step=start_step,
@@ -124,7 +133,7 @@ def run_segment(task: TaskDefinition, output_dir: str,
         seconds=round(clock.elapsed(), 3), checkpoint=checkpoint_url, validation=images,
         metrics=metrics_url, cache=cache.address if cache else None,
         skipped_images=list(dataset.manifest.get("skipped", [])),
-        data=data_summary(task, dataset, plan),
+        data=data_summary(task, dataset, plan), warnings=warnings,
     )
 
 
@@ -134,7 +143,8 @@ def data_summary(task: TaskDefinition, dataset: TrainingData, plan: TrainingPlan
     Counted from the data at the plan's batch size; it agrees with the plan's epochs
     (uses and micro-batches), which tests/engine/train/test_datasets_resume.py checks.
     """
-    summary = epoch_summary(dataset, plan.batch_size, subset_names(task),
+    summary = epoch_summary(dataset, plan.batch_size,
+                            subset_names(task) + class_subset_names(task),
                             dataset.manifest.get("skipped", []))
     return asdict(summary)
 

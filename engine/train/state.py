@@ -41,7 +41,8 @@ def training_identity(task: TaskDefinition, dataset_hash: str,
     so a checkpoint names which subset differs.
     """
     per_segment = {"num_train_steps", "num_train_epochs", "segment_budget_seconds", "cache",
-                   "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing"}
+                   "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing",
+                   "digest_steps"}
     ta = {k: v for k, v in task.train_args.stable_dump().items() if k not in per_segment}
     if isinstance(ta.get("ema"), dict):  # which weights get published is not training
         ta["ema"] = {k: v for k, v in ta["ema"].items() if k not in ("publish", "publish_both")}
@@ -58,6 +59,9 @@ def training_identity(task: TaskDefinition, dataset_hash: str,
     if task.training_type != "lora":  # a LoRA task keeps the identity it always had
         identity["training_type"] = task.training_type
         identity["full_finetune"] = task.full_finetune.model_dump()
+    if task.dreambooth is not None:  # the class subset: its weight and images (hash last)
+        identity["dreambooth"] = {"prior_loss_weight": task.dreambooth.prior_loss_weight,
+                                  "class_images": (subset_hashes or [dataset_hash])[-1]}
     return json.loads(json.dumps(identity))  # as a checkpoint holds it: tuples are lists
 
 
@@ -65,10 +69,11 @@ def _data_identity(task: TaskDefinition, dataset_hash: str,
                    subset_hashes: list[str] | None) -> dict[str, Any]:
     if task.datasets is None:
         return {"dataset": {**task.subsets[0].stable_dump(), "content_hash": dataset_hash}}
-    if subset_hashes is None or len(subset_hashes) != len(task.datasets):
+    classes = int(task.dreambooth is not None)  # the class subset's hash comes last
+    if subset_hashes is None or len(subset_hashes) != len(task.datasets) + classes:
         raise ValueError("a task with datasets needs one content hash per subset")
-    return {"datasets": [{**args.stable_dump(), "content_hash": digest}
-                         for args, digest in zip(task.datasets, subset_hashes, strict=True)]}
+    own = zip(task.datasets, subset_hashes[:len(task.datasets)], strict=True)
+    return {"datasets": [{**args.stable_dump(), "content_hash": digest} for args, digest in own]}
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

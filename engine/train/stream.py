@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.train.distributed import SINGLE, World, share
 from engine.train.plan import TrainingPlan
 from engine.train.samples import PreparedSample, SampleSource
 
@@ -29,11 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Item k = the prepared samples of the k-th micro-batch of this segment."""
+    """Item k = the prepared samples of the k-th micro-batch of this segment (this rank's
+    share of them when several processes train it)."""
 
-    def __init__(self, source: SampleSource, plan: TrainingPlan, start: int, end: int) -> None:
+    def __init__(self, source: SampleSource, plan: TrainingPlan, start: int, end: int,
+                 world: World = SINGLE) -> None:
         self.source = source
-        self.refs = [mb for step in range(start, end) for mb in plan.micro_batches(step)]
+        self.refs = [share(mb, world) for step in range(start, end)
+                     for mb in plan.micro_batches(step)]
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -46,12 +50,15 @@ class _MicroBatches(torch.utils.data.Dataset):
 
 
 def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end: int,
-                       workers: int) -> Iterator[list[PreparedSample]]:
+                       workers: int, world: World = SINGLE) -> Iterator[list[PreparedSample]]:
     """Prepared micro-batches in order; ``workers`` data-loader processes prepare ahead.
+
+    With several processes (``world``) each reads only its share of every micro-batch
+    (:func:`engine.train.distributed.share`), possibly none of a small one.
 
     Close the stream (``.close()``) when training stops: it stops the workers.
     """
-    dataset = _MicroBatches(source, plan, start, end)
+    dataset = _MicroBatches(source, plan, start, end, world)
     if workers == 0:
         return (dataset[k] for k in range(len(dataset)))  # a generator: has close()
     loader = torch.utils.data.DataLoader(

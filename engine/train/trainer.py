@@ -18,6 +18,8 @@ from engine.model.family import unet_extra_inputs
 from engine.model.loading import BaseModel, add_lora_adapters, lora_parameters
 from engine.model.precision import autocast
 from engine.task.definition import TaskDefinition
+from engine.train.compiled import compile_unet_blocks
+from engine.train.distributed import SINGLE, World, sum_gradients
 from engine.train.ema import Ema, ema_of
 from engine.train.full_finetune import (
     full_parameters,
@@ -26,6 +28,7 @@ from engine.train.full_finetune import (
     trainable_modules,
 )
 from engine.train.loss import loss_weights, per_sample_loss, target_for
+from engine.train.new_token_state import new_token_groups
 from engine.train.optimizers import build_optimizer, enter_step, leave_step
 from engine.train.plan import TrainingPlan
 from engine.train.samples import Batch, PreparedSample, SampleSource
@@ -46,6 +49,8 @@ class Trainer:
     global_step: int = 0
     ema: Ema | None = None  # the average of ``params`` (train_args.ema), None when not asked
     full: bool = False  # training_type "full": params are every weight, not a LoRA
+    #: the processes sharing each step (engine/train/distributed.py); not checkpointed
+    world: World = SINGLE
 
     @property
     def finished(self) -> bool:
@@ -68,6 +73,8 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
     if ta.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         base.unet.train()  # diffusers checkpoints only in training mode
+    if ta.compile:  # after the adapters: the compiled blocks hold them
+        compile_unet_blocks(base.unet)
     scale = ta.gradient_accumulation_steps * ta.batch_size if ta.scale_lr else 1  # one process
     groups, params = [], {}
     for prefix, module in adapted.items():
@@ -78,6 +85,8 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
         if prefix != "unet" and (te_lr := text_encoder_learning_rate(task)) is not None:
             lr = te_lr
         groups.append({"params": list(named.values()), "lr": lr * scale})
+    token_groups, token_params = new_token_groups(task, base, scale)  # lora.new_tokens
+    groups, params = groups + token_groups, params | token_params
     optimizer = build_optimizer(task, groups)  # train_args.optimizer; AdamW by default
     from diffusers.optimization import get_scheduler
 
@@ -108,7 +117,7 @@ def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
     target = target_for(scheduler, tr.prediction_type, batch.latents, batch.noise,
                         batch.timesteps)
     weights = loss_weights(scheduler, batch.timesteps, tr.snr_gamma, tr.prediction_type)
-    losses = per_sample_loss(prediction, target, weights)
+    losses = per_sample_loss(prediction, target, weights, batch.masks)
     if batch.sample_weights is not None:  # subsets' loss_weight; None keeps the old bits
         losses = losses * batch.sample_weights
     return losses.sum()
@@ -125,12 +134,17 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     """
     refs = tr.plan.micro_batches(tr.global_step)
     n_samples = sum(len(r) for r in refs)
-    loss_total = 0.0
+    # summed on the device in fp64, read once per step: the same number as adding each
+    # micro-batch's loss.item() as Python floats, without a host sync per micro-batch
+    loss_total = torch.zeros((), dtype=torch.float64, device=tr.base.device)
     enter_step(tr.optimizer)
     for _ in refs:
-        loss = micro_batch_loss(tr, source.batch(next(micro_batches))) / n_samples
+        if not (mine := next(micro_batches)):  # this rank's share of it is empty
+            continue
+        loss = micro_batch_loss(tr, source.batch(mine)) / n_samples
         (tr.scaler.scale(loss) if tr.scaler else loss).backward()
-        loss_total += loss.item()
+        loss_total += loss.detach().double()
+    loss_total = sum_gradients(tr.params.values(), loss_total, tr.world)  # over the ranks
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params.values(), tr.max_grad_norm)
@@ -146,4 +160,5 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     tr.global_step += 1
     if tr.ema is not None:
         tr.ema.update(tr.params, tr.global_step)
-    return {"loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "samples": n_samples}
+    return {"loss": loss_total.item(), "lr": lr, "grad_norm": float(grad_norm),
+            "samples": n_samples}

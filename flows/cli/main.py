@@ -13,10 +13,10 @@ import logging
 import sys
 
 from engine.errors import ExitCode
-from flows.cli import bench, demo, lora, models, serve, train
+from flows.cli import bench, caption, demo, lora, models, serve, train, verify
 
 #: The command groups, in the order ``loraflow --help`` lists them.
-GROUPS = (train, serve, lora, demo, models, bench)
+GROUPS = (train, caption, verify, serve, lora, demo, models, bench)
 #: Chatty at INFO, and nothing in them a user acts on.
 NOISY_LOGGERS = ("httpx", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec")
 INTERRUPTED_BY_USER = 130  # the shell's code for SIGINT
@@ -30,6 +30,7 @@ EXIT_CODE_MEANINGS = (
     (ExitCode.BUDGET_TOO_SHORT, "the time budget cannot fit one step and a checkpoint"),
     (ExitCode.STORAGE, "storage unreachable or full after retries"),
     (ExitCode.INTERRUPTED, "stopped by SIGTERM/SIGINT after committing a checkpoint"),
+    (ExitCode.NOT_VERIFIED, "verify: a replayed step differs from the segment's digest trail"),
     (INTERRUPTED_BY_USER, "interrupted by Ctrl-C (segment: the second one), not committed"),
 )
 EXAMPLES = """\
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_torch_caches_in_loraflow_home()
     args = parse_arguments(build_parser(), argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # a launcher repeats it
     configure_logging(args.verbose)
     try:
         code = args.func(args)

@@ -50,8 +50,17 @@ def cmd_serve_segments(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect_crashes(args: argparse.Namespace) -> int:
+    from flows.crash_detection import ensure_crash_detection
+
+    automation_id = ensure_crash_detection(args.after_silence)
+    print(f"automation {automation_id}: a finetune-segment run silent for "
+          f"{args.after_silence} s is marked Crashed and its segment dispatched again")
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
-    """Register ``serve`` and ``serve-segments``."""
+    """Register ``serve``, ``serve-segments`` and ``detect-crashes``."""
     p = add_subcommand(
         subparsers, "serve", cmd_serve,
         "serve the finetune flow as a deployment (runs from the UI, API or a schedule)",
@@ -82,3 +91,13 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--name", default="gpu", help="deployment name (default: gpu)")
     p.add_argument("--limit", type=int, default=1,
                    help="segments at a time on this machine (default 1: one GPU)")
+
+    p = add_subcommand(
+        subparsers, "detect-crashes", cmd_detect_crashes,
+        "create the server automation that marks a dead worker's segment run Crashed, so the "
+        "segment is dispatched to another worker",
+        example="loraflow detect-crashes --after-silence 540",
+    )
+    p.add_argument("--after-silence", type=int, default=540, metavar="SECONDS",
+                   help="seconds without a heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the "
+                        "workers, 180 by default) before a run is called dead; default 540")

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from flows.cli import launch
 from flows.cli.subcommand import add_subcommand
 
 #: When this process began (the module is imported as the CLI starts): a segment's time
@@ -125,6 +126,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         task = load_task(args.task, args.overrides)
     with phase("reference checks"):
         check_references(task, args.task, prepared_in=args.data_dir or default_data_root())
+    if launch.launch_wanted(args):  # --nproc-per-node N: N ranks run this command
+        return launch.launch_segment(args, STARTED_AT)
+    from engine.train.distributed import current_world, leave_world, world_from_env
     if not args.verbose:
         from engine.logs import silence_progress_bars
 
@@ -132,7 +136,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             silence_progress_bars()
     stop = StopRequest()
     stop.install()
-    bar = StepBar() if console_progress_wanted() and not args.quiet else None
+    shown = console_progress_wanted() and not args.quiet and world_from_env().writes
+    bar = StepBar() if shown else None  # several processes: rank 0's only
     opts = SegmentOptions(
         checkpoint=args.checkpoint,
         budget_seconds=args.budget_seconds,
@@ -141,14 +146,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
         progress=False,  # the step bar is ``bar``, with loss, lr and samples/s
         validate=not args.no_validation,
         should_stop=stop,
-        started_at=STARTED_AT,
+        started_at=launch.started_at(STARTED_AT),
         on_step=bar,
     )
     try:
         result = run_segment(task, args.output_dir, opts)
+        writes = current_world().writes  # several processes: only rank 0 prints
     finally:
         if bar is not None:
             bar.close()
+        leave_world()
+    if not writes:
+        return ExitCode.INTERRUPTED if result.stopped_by == StopReason.SIGNAL else ExitCode.OK
     if not args.quiet:  # for the person at the terminal; stdout stays one JSON record
         for line in epoch_lines(result.data):
             print(line, file=sys.stderr)
@@ -217,7 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ[QUIET_ENV] = "1"  # read where the segment task runs (this process)
     state = run_here(task, args.output_dir, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                     budget_seconds=args.budget_seconds, overrides=args.overrides)
+                     budget_seconds=args.budget_seconds, overrides=args.overrides,
+                     processes_per_segment=args.processes_per_segment)
     print(describe(outcome(state)))
     return 0
 
@@ -260,6 +270,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="encode images and captions every step")
     p.add_argument("--no-validation", action="store_true", help="skip validation images")
+    launch.add_launch_arguments(p)
 
     p = add_subcommand(subparsers, "run", cmd_run,
                        "run a whole fine-tuning: segments until FINISH, then publish",
@@ -267,6 +278,9 @@ def add_commands(subparsers: Any) -> None:
                                "train_args.learning_rate=5e-5 --output-dir runs/quickstart")
     add_training_arguments(p, output="run output location (path or URL, e.g. s3://bucket/runs/x)",
                            budget="wall-clock budget of each segment")
+    p.add_argument("--processes-per-segment", type=launch.positive_int, metavar="N",
+                   help="train each segment with N processes (one per GPU; gloo on CPU), "
+                        "as `loraflow segment --nproc-per-node N` does (docs/distributed.md)")
 
     p = add_subcommand(subparsers, "retry", cmd_retry,
                        "retry a failed or crashed finetune flow run; completed steps are not "

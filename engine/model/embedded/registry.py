@@ -30,6 +30,11 @@ from engine.model.embedded.shapes_model import (
     build_shapes_model,
 )
 from engine.model.embedded.taught_data import TAUGHT_DATA_ID, TAUGHT_DATA_VERSION, build_taught_data
+from engine.model.embedded.tiny_captioner import (
+    TINY_CAPTIONER_ID,
+    TINY_CAPTIONER_VERSION,
+    build_tiny_captioner,
+)
 from engine.model.embedded.tiny_models import BUILDER_VERSION, build_tiny_model
 
 EMBEDDED_MODELS: dict[str, str] = {
@@ -37,6 +42,7 @@ EMBEDDED_MODELS: dict[str, str] = {
     "loraflow/tiny-sd2": "tiny-sd2",
     "loraflow/tiny-sdxl": "tiny-sdxl",
     SHAPES_MODEL_ID: "tiny-shapes",  # trained, not random: built by shapes_model.py
+    TINY_CAPTIONER_ID: "tiny-captioner",  # a captioning model (GIT): tiny_captioner.py
 }
 """Embedded model id -> tiny-model builder name (see ``tiny_models.build_tiny_model``)."""
 
@@ -53,6 +59,7 @@ DEMO_SHAPES_ID = "loraflow/demo-shapes"
 _OWN_BUILDERS: dict[str, tuple[str, Callable[[Path], object]]] = {
     SHAPES_MODEL_ID: (SHAPES_MODEL_VERSION, build_shapes_model),
     TAUGHT_DATA_ID: (TAUGHT_DATA_VERSION, build_taught_data),
+    TINY_CAPTIONER_ID: (TINY_CAPTIONER_VERSION, build_tiny_captioner),
 }
 MARKER_FILENAME = "loraflow_embedded.json"
 

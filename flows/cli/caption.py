@@ -1,0 +1,71 @@
+"""``loraflow caption``: prepare a task's dataset(s) and caption them, nothing else.
+
+For reviewing captions before training: the summary says what was made, found in the
+cache, kept or left uncaptioned (and why); each captioned dataset has its editable
+``metadata.jsonl``, and ``--output DIR`` copies images and captions into DIR as an image
+folder to edit and name as the task's ``dataset.name``. ``loraflow run`` captions the
+same way, and finds these captions in the cache. Never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from flows.cli.subcommand import add_subcommand
+from flows.cli.train import add_overrides, add_quiet, load_task
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from engine.caption.backend import CaptionError
+    from engine.caption.metadata import export_imagefolder
+    from engine.caption.subsets import caption_subsets
+    from engine.data.prepared import prepare_subsets
+
+    task = load_task(args.task, args.overrides)
+    if task.captioning is None:
+        raise CaptionError(f"{args.task}: the task has no 'captioning' section; add one "
+                           '(e.g. {"backend": "transformers", "model": '
+                           '"Salesforce/blip-image-captioning-base"}) to caption its images')
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    say("preparing the dataset")
+    manifests = prepare_subsets(task, args.data_dir, progress=not args.quiet)
+    say(f"captioning with {task.captioning.backend} model {task.captioning.model}")
+    _, summary = caption_subsets(
+        task, manifests, args.captions_dir,
+        progress=lambda done, total: say(f"  captioned {done}/{total}"),
+    )
+    for line in summary.lines():
+        say(line)
+    result: dict[str, Any] = summary.to_dict()
+    if args.output:
+        if len(summary.reports) == 1:
+            [report] = summary.reports.values()
+            result["output"] = export_imagefolder(report.manifest.address, args.output)
+        else:
+            result["output"] = {
+                str(i): export_imagefolder(r.manifest.address, f"{args.output}/subset-{i}")
+                for i, r in summary.reports.items()
+            }
+        say(f"editable copy: {result['output']}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``caption``."""
+    p = add_subcommand(subparsers, "caption", cmd_caption,
+                       "prepare the task's dataset and caption its images (captioning "
+                       "section); print the summary",
+                       example="loraflow caption task.json --output data/captioned")
+    p.add_argument("task", help="task JSON file with a 'captioning' section")
+    add_overrides(p)
+    add_quiet(p)
+    p.add_argument("--output", help="also copy images and metadata.jsonl into this folder "
+                                    "(an image folder to review, edit and train from)")
+    p.add_argument("--data-dir",
+                   help="where prepared datasets are kept (default: $LORAFLOW_HOME/datasets)")
+    p.add_argument("--captions-dir",
+                   help="the caption cache (default: $LORAFLOW_HOME/captions; may be s3://)")
