@@ -21,7 +21,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    for name in ("transformers", "diffusers", "datasets", "huggingface_hub"):
+    # bitsandbytes (imported by peft when installed) warns at import about an optional
+    # kernels package on every command; its real failures are refused by loraflow itself
+    for name in ("transformers", "diffusers", "datasets", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from engine.data.epoch_summary import epoch_summary
 from engine.data.prepared import caption_manifests, open_subsets, prepare_subsets
 from engine.lora.metadata import subset_names
+from engine.store import storage
 from engine.store.redact import redact_values
 from engine.task.definition import TaskDefinition
 from tasks import step
@@ -54,8 +55,18 @@ def add_captions(task: TaskDefinition, dataset: DatasetSummary,
     return made.dataset, made.captions
 
 
+#: Image + caption pairs the run summary keeps per subset (the captions file has all).
+SUMMARY_PAIRS = 8
+
+
 def caption_counts(captions: dict[str, Any]) -> dict[str, Any]:
-    """What the run summary keeps of the caption step: its counts and why images stayed
-    uncaptioned (the pairs are in the artifact and the captions files)."""
+    """What the run summary keeps of the caption step: its counts, why images stayed
+    uncaptioned, and each subset's captions file (relative to the data folder: the summary
+    is published, local paths are not) with its first image + caption pairs."""
     keys = ("captioned", "from_cache", "kept", "uncaptioned")
-    return {key: captions[key] for key in keys}
+    return {key: captions[key] for key in keys} | {"subsets": {
+        index: {"captions_file": "/".join([storage.basename(report["address"]),
+                                           storage.basename(report["metadata"])]),
+                "pairs": report["pairs"][:SUMMARY_PAIRS]}
+        for index, report in captions["subsets"].items()
+    }}

@@ -112,7 +112,7 @@ def _run_all(settings: BenchSettings, device: torch.device, dtype: torch.dtype, 
              "live": report.flops.get("train_step_live_per_sample")}
     report.training = measure_training(base, settings, dataset, cache, flops, peak)
     report.overhead = [  # the plain step's share that is not UNet compute
-        {"batch_size": row["batch_size"], "step_seconds": row["step_seconds"]}
+        {"batch_size": row["batch_size"]}
         | measure_overhead(base, bench_task(base.location, settings, row["batch_size"]),
                            dataset, cache, settings, row["step_seconds"])
         for row in report.training

@@ -27,6 +27,7 @@ from engine.train.full_finetune import (
     text_encoder_learning_rate,
     trainable_modules,
 )
+from engine.train.grad_clip import clip_gradients
 from engine.train.loss import loss_weights, per_sample_loss, target_for
 from engine.train.new_token_state import new_token_groups
 from engine.train.optimizers import build_optimizer, enter_step, leave_step
@@ -147,7 +148,7 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     loss_total = sum_gradients(tr.params.values(), loss_total, tr.world)  # over the ranks
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params.values(), tr.max_grad_norm)
+    grad_norm = clip_gradients(tr.params.values(), tr.max_grad_norm)  # same bits (grad_clip)
     lr = tr.optimizer.param_groups[0]["lr"]
     if tr.scaler:
         tr.scaler.step(tr.optimizer)

@@ -194,11 +194,15 @@ def describe(summary: dict[str, Any]) -> str:
         for label in ("diffusers", "kohya", "readme"):
             if lora.get(label):
                 lines.append(f"  {label:<10} {redact(lora[label])}")
+        lines += [f"  {'embedding':<10} {redact(url)} ({key.split(':', 1)[1]})"
+                  for key, url in (lora.get("variants") or {}).items()
+                  if key.startswith("embedding:")]
     for image in summary.get("validation", []):
         lines.append(f"  {'image':<10} {redact(image)}")
     if summary.get("overrides"):
         lines.append(f"  {'overrides':<10} {redact(' '.join(summary['overrides']))}")
     lines += epoch_lines((summary.get("dataset") or {}).get("epoch"))
+    lines += made_data_lines(summary.get("dataset") or {})
     lines.append(
         f"trained {summary['global_step']} steps in {summary['segments']} segment(s); "
         f"final checkpoint {redact(summary['checkpoint'])}"
@@ -215,6 +219,20 @@ def epoch_lines(epoch: dict[str, Any] | None) -> list[str]:
     from engine.data.epoch_summary import EpochSummary, summary_lines
 
     return summary_lines(TypeAdapter(EpochSummary).validate_python(epoch))
+
+
+def made_data_lines(dataset: dict[str, Any]) -> list[str]:
+    """What the caption and class-images steps did: a re-run shows 0 captioned and 0
+    generated, the proof that nothing was made twice."""
+    lines = []
+    if captions := dataset.get("captions"):
+        lines.append(f"captions: {captions['captioned']} captioned now, "
+                     f"{captions['from_cache']} from the cache, {captions['kept']} kept, "
+                     f"{len(captions['uncaptioned'])} uncaptioned")
+    if made := dataset.get("class_images"):
+        lines.append(f"class images: {made['count']} ({made['generated']} generated now, "
+                     f"{made['reused']} reused, {made['from_folder']} from class_data_dir)")
+    return lines
 
 
 def cmd_run(args: argparse.Namespace) -> int:

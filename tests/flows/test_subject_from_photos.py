@@ -21,6 +21,7 @@ from safetensors.torch import load as load_tensors
 
 from engine.infer.pipeline import load_pipeline
 from engine.lora.embeddings import load_kohya_with_embeddings, load_textual_inversions
+from engine.model.new_tokens import init_token_ids
 from engine.train.new_token_state import NEW_TOKENS_FILE
 from tests.support.datasets import make_zip, png
 from tests.support.engine import make_task, run_chain
@@ -109,6 +110,14 @@ def test_a_rerun_into_the_same_output_captions_and_generates_nothing(subject: di
     assert subject["second"]["global_step"] == 6
 
 
+def test_the_published_summary_shows_captions_without_a_local_path(subject: dict) -> None:
+    captions = subject["first"]["dataset"]["captions"]
+    (subset,) = captions["subsets"].values()
+    assert subset["captions_file"].endswith("/metadata.jsonl")
+    assert len(subset["pairs"]) == 8 and all(p["caption"] for p in subset["pairs"])
+    assert str(subject["root"]) not in json.dumps(subject["first"]["dataset"])
+
+
 def test_three_segments_give_the_engine_single_run_bit_for_bit(
     subject: dict, tmp_path: Path
 ) -> None:
@@ -120,9 +129,12 @@ def test_three_segments_give_the_engine_single_run_bit_for_bit(
                      (Path(result.checkpoint) / "pytorch_lora_weights.safetensors").read_bytes())
     assert ((flow_checkpoint / NEW_TOKENS_FILE).read_bytes()
             == (Path(result.checkpoint) / NEW_TOKENS_FILE).read_bytes())
-    published = subject["root"] / "run" / "lora" / "pytorch_lora_weights.safetensors"
-    assert_same_lora(published.read_bytes(),
-                     (Path(result.checkpoint) / "pytorch_lora_weights.safetensors").read_bytes())
+    published = load_tensors(
+        (subject["root"] / "run" / "lora" / "pytorch_lora_weights.safetensors").read_bytes())
+    single_lora = load_tensors(
+        (Path(result.checkpoint) / "pytorch_lora_weights.safetensors").read_bytes())
+    assert published.keys() == single_lora.keys()
+    assert all(torch.equal(published[k], v) for k, v in single_lora.items())
 
 
 def _final_checkpoint(run: Path) -> Path:
@@ -140,9 +152,10 @@ def test_the_token_embedding_is_published_trained_and_loads_in_diffusers(
     trained = load_tensors(ti_file.read_bytes())["emb_params"]
 
     pipe, _, family = load_pipeline(task.model, torch.float32, safety_checker=False)
-    words = pipe.tokenizer(["shape"], add_special_tokens=False).input_ids[0]
-    initial = pipe.text_encoder.get_input_embeddings().weight[words].mean(0)
-    assert not torch.equal(trained[0], initial)  # trained away from its initial value
+    init = init_token_ids(pipe.tokenizer, task.lora.new_tokens[0], "tokenizer")
+    initial = pipe.text_encoder.get_input_embeddings().weight[init].double().mean(0).float()
+    assert trained.shape == (1, initial.numel())
+    assert not torch.equal(trained[0], initial)  # trained away from the words' mean
 
     load_textual_inversions(pipe, family, {TOKEN: ti_file.read_bytes()})
     row = pipe.text_encoder.get_input_embeddings().weight[
@@ -160,3 +173,56 @@ def test_the_token_embedding_is_published_trained_and_loads_in_diffusers(
     image = fresh(f"a photo of {TOKEN} shape", num_inference_steps=1, height=32, width=32,
                   output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+
+# -- the README's walkthrough, its commands as written -----------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SECTION = "## Train a subject from a few photos"
+
+
+def _readme_commands() -> list[str]:
+    """Each bash block of the README's subject section, its lines joined at ``\\``."""
+    text = README.read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    return [b.replace("\\\n", " ") for b in blocks]
+
+
+def _shell(block: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(["bash", "-euc", block], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"{block}\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_the_readme_walkthrough_runs_as_written(prefect_api: str, tmp_path: Path) -> None:
+    from tests.support.chat_server import ChatServer, ok
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "examples").symlink_to(root / "examples")
+    (tmp_path / "photos").mkdir()
+    for i in range(8):
+        (tmp_path / "photos" / f"rex{i}.png").write_bytes(png(64, 64, (30 * i, 180, 90)))
+    env = subprocess_env(PREFECT_API_URL=prefect_api, LORAFLOW_QUIET="1",
+                         LORAFLOW_HOME=str(tmp_path / "home"))  # a new user's: nothing made yet
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the venv's `loraflow`
+    walkthrough, api = _readme_commands()
+
+    out = _shell(walkthrough, tmp_path, env).stdout
+    assert "captions: 8 captioned now" in out and "8 generated now" in out
+    assert "embeddings/sks.safetensors (<sks>)" in out
+    edited = json.loads((tmp_path / "runs/subject-edited/lora/run_summary.json").read_text())
+    assert edited["dataset"]["captions"]["kept"] == 8  # trained from the reviewed captions
+    assert edited["dataset"]["class_images"]["generated"] == 0
+
+    canary = "sk-canary-readme-7f3a"
+    with ChatServer(api_key=canary, default=ok("a brown dog on grass")) as server:
+        api = api.replace("https://api.openai.com/v1", server.base_url)  # loopback, not a URL
+        done = _shell(api.replace("export OPENAI_API_KEY=...", f"export OPENAI_API_KEY={canary}"),
+                      tmp_path, env)
+        assert len(server.requests) == 8
+    summary = json.loads((tmp_path / "runs/subject-api/lora/run_summary.json").read_text())
+    assert summary["dataset"]["captions"]["captioned"] == 8
+    written = [p.read_bytes() for p in (tmp_path / "runs/subject-api").rglob("*") if p.is_file()]
+    assert canary not in done.stdout + done.stderr
+    assert not any(canary.encode() in data for data in written)

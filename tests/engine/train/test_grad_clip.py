@@ -1,0 +1,54 @@
+"""Clipping skips the multiply by exactly 1.0 and otherwise is torch's own, bit for bit
+(engine/train/grad_clip.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.train.grad_clip import clip_gradients
+
+SHAPES = [(4, 320), (320, 4), (8,), (4, 64)] * 8
+
+
+def weights_with_grads(scale: float, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    for k, w in enumerate(weights):
+        if k != 5:  # one weight without a gradient, as a frozen or unused one
+            w.grad = torch.randn(w.shape, generator=g) * scale
+    return weights
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 0.05, 1.0, 30.0])
+@pytest.mark.parametrize("max_norm", [1.0, 0.5])
+def test_clipping_gives_torchs_norm_and_gradients_bit_for_bit(scale: float,
+                                                              max_norm: float) -> None:
+    expected, ours = weights_with_grads(scale), weights_with_grads(scale)
+    norm = torch.nn.utils.clip_grad_norm_(expected, max_norm)
+    assert torch.equal(clip_gradients(ours, max_norm), norm)
+    for a, b in zip(expected, ours, strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+def test_gradients_below_the_norm_are_left_as_they_are() -> None:
+    weights = weights_with_grads(1e-4)
+    before = [w.grad for w in weights]
+    clip_gradients(weights, 1.0)
+    assert [w.grad for w in weights] == before  # the same tensors, untouched
+
+
+def test_a_nan_gradient_still_goes_through_torchs_multiply() -> None:
+    expected, ours = weights_with_grads(1e-4), weights_with_grads(1e-4)
+    for ws in (expected, ours):
+        ws[0].grad[0, 0] = float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(expected, 1.0)
+    assert norm.isnan() and clip_gradients(ours, 1.0).isnan()
+    for a, b in zip(expected, ours, strict=True):
+        if a.grad is not None:
+            assert torch.equal(a.grad.isnan(), b.grad.isnan())
+            assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+
+
+def test_no_gradients_gives_a_zero_norm() -> None:
+    assert float(clip_gradients([torch.nn.Parameter(torch.ones(3))], 1.0)) == 0.0
