@@ -48,11 +48,6 @@ def unet_pass_seconds(trainer: Trainer, batch: Batch) -> float:
     return seconds
 
 
-def unet_compute_seconds(trainer: Trainer, batch: Batch, count: int) -> list[float]:
-    """Seconds of ``count`` UNet forward + backward passes over ``batch``."""
-    return [unet_pass_seconds(trainer, batch) for _ in range(count)]
-
-
 def interleaved_repeat(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
                        settings: BenchSettings) -> tuple[float, float]:
     """(median step seconds, median UNet seconds per step) of one fresh trainer, a step

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.bench.overhead_table import overhead_lines
+
 SCHEMA = "loraflow-bench/1"
 
 
@@ -88,6 +90,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    if report.get("overhead"):  # the step's share that is not UNet compute
+        lines += ["", *overhead_lines(report["overhead"])]
     if report.get("data_path"):
         lines += ["", *data_path_lines(report["data_path"])]
     return "\n".join(lines) + "\n"

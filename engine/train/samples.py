@@ -11,7 +11,9 @@ bits.
 Why one sample at a time: on CPU a batch goes through other convolution and matmul
 kernels than a single sample (measured on tiny-sd1: VAE posterior means differ by up to
 2e-6, text embeddings by 6e-8), so batched encoding would make a sample's latent depend
-on its batch mates, and the live path would stop matching the cache. The live path is
+on its batch mates, and the live path would stop matching the cache. Where it was proven
+equal to the bit (CPU, fp32, one thread), a micro-batch still goes through one VAE call
+that replays the kernel choices of a single image (engine/train/batched_encode.py). The live path is
 made cheap otherwise: the VAE's device and dtype are read once (diffusers walks every
 module to answer them), and a caption that occurs twice in a micro-batch is encoded once.
 
@@ -43,6 +45,7 @@ from engine.data.transforms import CropPlan, plan_crop
 from engine.model.family import encode_captions, sdxl_time_ids
 from engine.model.precision import autocast
 from engine.task.definition import CaptionArgs, TaskDefinition
+from engine.train.batched_encode import VaeBatcher, batchable_text, encode_caption_batch
 from engine.train.bucket_sides import check_bucket_sides, vae_factor
 from engine.train.caption_rules import caption_for
 from engine.train.live_encode import frozen, posterior
@@ -242,6 +245,14 @@ class SampleSource:
     def _vae_placement(self) -> tuple[torch.device, torch.dtype]:
         return placement(self.base.vae)
 
+    @cached_property
+    def _vae_batcher(self) -> VaeBatcher:  # a micro-batch's images in one call, same bits
+        return VaeBatcher(self.base.vae)
+
+    @cached_property
+    def _text_batchable(self) -> bool:
+        return batchable_text(self.base)
+
     def latent_shape(self, bucket: Bucket) -> torch.Size:
         """(channels, height, width) of the latent of an image cropped to ``bucket``."""
         return torch.Size((self.channels, bucket.height // self.factor,
@@ -275,12 +286,18 @@ class SampleSource:
         bucket = _one_bucket(samples)
         latents, conds = [], []
         encoded: dict[str, dict[str, torch.Tensor]] = {}  # each caption once per batch
+        with frozen():  # one call for what the cache lacked (engine/train/batched_encode.py)
+            fresh = iter(self._vae_batcher.encode(
+                [s.pixels for s in samples if s.posterior is None], self._vae_placement))
+            new = list(dict.fromkeys(s.decision.caption for s in samples
+                                     if s.conditioning is None))
+            if not trains_text and len(new) > 1 and self._text_batchable:
+                encoded = encode_caption_batch(base, new)
         for s in samples:
             if s.posterior is not None:
                 mean, std = s.posterior
-            else:
-                with frozen():  # the draw below makes a plain tensor of it
-                    mean, std = encode_image(base.vae, s.pixels, self._vae_placement)
+            else:  # the draw below makes a plain tensor of it
+                mean, std = next(fresh)
             latents.append(draw_latent(mean, std, seed, s.ref) * base.vae_scaling_factor)
             if trains_text:
                 continue
