@@ -109,12 +109,9 @@ def plan_crop(
     )
 
 
-def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tensor:
-    """The cropped image as a float32 tensor [3, bucket height, bucket width] in [-1, 1].
-
-    ``image`` must have the size the plan was made for. Any PIL mode is accepted
-    (converted with :func:`to_rgb`).
-    """
+def resized_rgb(image: Image.Image, plan: CropPlan) -> Image.Image:
+    """``image`` (checked to have the size the plan was made for) as RGB, resized to the
+    plan's size: what every crop of it is cut from."""
     height, width = plan.original_size
     if image.size != (width, height):
         raise ValueError(
@@ -124,6 +121,16 @@ def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tenso
     new_h, new_w = plan.resized_size
     if (new_w, new_h) != rgb.size:
         rgb = rgb.resize((new_w, new_h), resample=RESIZE_FILTER)
+    return rgb
+
+
+def apply_crop(image: Image.Image, plan: CropPlan, *, flip: bool) -> torch.Tensor:
+    """The cropped image as a float32 tensor [3, bucket height, bucket width] in [-1, 1].
+
+    ``image`` must have the size the plan was made for. Any PIL mode is accepted
+    (converted with :func:`to_rgb`).
+    """
+    rgb = resized_rgb(image, plan)
     crop_h, crop_w = plan.crop_size
     cropped = rgb.crop((plan.left, plan.top, plan.left + crop_w, plan.top + crop_h))
     if flip:

@@ -11,6 +11,12 @@ scales the UNet and text-encoder LoRA layers alike; scale 0 renders exactly the 
 model's image. Image i is drawn from a CPU generator seeded with ``seed + i``, so a seed
 gives the same pixels on every run of the same machine kind, as A1111's batch seeds do.
 
+LoHa, LoKr and DoRA (LyCORIS) files are not diffusers' to load (it refuses the first two
+and drops DoRA's ``dora_scale``): their weight changes are merged into the base weights
+(:mod:`engine.infer.merged_network`). A kohya file's bundled embeddings (``bundle_emb``)
+and ``--embedding`` textual-inversion files are loaded as textual inversions
+(:mod:`engine.lora.user_embeddings`), so their tokens work in prompts.
+
 Only ``.safetensors`` is read: a pickle file (``.bin``/``.pt``/``.ckpt``) can run code
 when loaded, so it is refused, never unpickled.
 """
@@ -26,7 +32,8 @@ import torch
 from PIL import Image
 
 from engine.errors import LoraflowError
-from engine.lora.formats import detect_format, guess_family, lora_modules
+from engine.lora.formats import LoraModule, detect_format, guess_family, lora_modules
+from engine.lora.lycoris_file import NetworkModule, is_lycoris, network_modules, split_bundle
 from engine.lora.metadata import read_metadata, tensor_data_hash
 from engine.store import storage
 
@@ -86,40 +93,99 @@ def _tensors(data: bytes, location: str) -> dict[str, torch.Tensor]:
 def inspect_lora(path: str) -> dict[str, Any]:
     """What a LoRA file holds: format, family guess, ranks, alphas, targets, metadata,
     and which tools load it fully (``loads_fully_in``; ``other_tools``: what to use there)."""
-    from engine.lora.loaders import tool_support
+    from engine.lora.loaders import file_support
+    from engine.lora.user_embeddings import summary
 
     data = read_lora_bytes(path)
-    tensors = _tensors(data, path)
+    tensors, bundles = _split_bundle(_tensors(data, path), path)
     metadata = read_metadata(data)
-    fmt = detect_format(tensors)
-    if fmt == "unknown":
-        raise LoraFileRefused(
-            f"{storage.redact(path)}: neither a diffusers nor a kohya LoRA "
-            f"(e.g. key {next(iter(sorted(tensors)), '<none>')!r})"
-        )
-    modules = lora_modules(tensors, metadata)
+    fmt, modules, network = _described(tensors, metadata, path)
     family, reason = guess_family(tensors, modules, metadata)
     components: dict[str, int] = {}
     for m in modules:
         components[m.component] = components.get(m.component, 0) + 1
-    support = tool_support(fmt, family, modules)
+    algorithm = _algorithm(network, tensors)
+    support = file_support(fmt, family, modules, algorithm, bool(bundles))
+    scales = [n.scale for n in network] if network else [(m.alpha or m.rank) / m.rank
+                                                          for m in modules]
     return {
+        "algorithm": algorithm,
+        "factors": sorted({f"{n.factor[0]}x{n.factor[1]}" for n in network if n.factor}),
+        "bundled_embeddings": [summary(t, v) for t, v in sorted(bundles.items())],
         "path": storage.redact(path),
         "format": fmt,
         "family": family,
         "family_reason": reason,
         "modules": len(modules),
         "components": components,
-        "ranks": sorted({m.rank for m in modules}),
-        "alphas": sorted({m.alpha if m.alpha is not None else float(m.rank) for m in modules}),
+        "ranks": sorted({n.rank for n in network if n.rank} if network
+                        else {m.rank for m in modules}),
+        "alphas": sorted({n.alpha if n.alpha is not None else float(n.rank or 1) for n in network}
+                         if network else
+                         {m.alpha if m.alpha is not None else float(m.rank) for m in modules}),
         "alpha_stored": all(m.alpha is not None for m in modules),
-        "scales": sorted({(m.alpha or m.rank) / m.rank for m in modules}),
+        "scales": sorted(set(scales)),
         "target_kinds": sorted({m.kind for m in modules}),
         "loads_fully_in": list(support.loads_fully_in),
         "other_tools": support.elsewhere,
         "tensor_data_sha256": tensor_data_hash(data),
         "metadata": abbreviate_metadata(metadata),
     }
+
+
+def _split_bundle(tensors: dict[str, torch.Tensor], location: str) -> tuple[dict, dict]:
+    from engine.errors import LoraflowError
+
+    try:
+        return split_bundle(tensors)
+    except LoraflowError as exc:
+        raise LoraFileRefused(f"{storage.redact(location)}: {exc}") from None
+
+
+def _described(tensors: dict[str, torch.Tensor], metadata: dict[str, str], location: str
+               ) -> tuple[str, list[LoraModule], list[NetworkModule]]:
+    """(format, modules, LyCORIS modules or []) of a bundle-free state dict."""
+    from engine.errors import LoraflowError
+
+    where = storage.redact(location)
+    fmt = detect_format(tensors)
+    try:
+        if fmt == "unknown" and is_lycoris(tensors) and all(
+                k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+            network = network_modules(tensors)
+            return "kohya", [n.as_lora_module() for n in network], network
+        if fmt == "unknown" and _diffusers_dora(tensors):
+            plain = {k: v for k, v in tensors.items() if not k.endswith("lora_magnitude_vector")}
+            return "diffusers", lora_modules(plain, metadata), []
+    except LoraflowError as exc:
+        raise LoraFileRefused(f"{where}: {exc}") from None
+    if fmt == "unknown":
+        raise LoraFileRefused(
+            f"{where}: neither a diffusers nor a kohya / LyCORIS LoRA "
+            f"(e.g. key {next(iter(sorted(tensors)), '<none>')!r})"
+        )
+    return fmt, lora_modules(tensors, metadata), []
+
+
+def _diffusers_dora(tensors: dict[str, torch.Tensor]) -> bool:
+    """A diffusers / PEFT DoRA file: LoRA keys plus ``lora_magnitude_vector``."""
+    rest = [k for k in tensors if not k.endswith(".lora_magnitude_vector")]
+    return len(rest) < len(tensors) and detect_format(rest) == "diffusers"
+
+
+def _algorithm(network: list[NetworkModule], tensors: dict[str, torch.Tensor]) -> str:
+    """lora, locon (a LoRA on 3x3 convolutions too), dora, loha or lokr; "+"-joined when
+    a file mixes them (a LoRA's modules beside LoCon ones count as LoCon)."""
+    if network:
+        found = {n.algorithm for n in network}
+    else:
+        dora = any(k.endswith("lora_magnitude_vector") for k in tensors)
+        conv = any(k.endswith(("lora_A.weight", "lora_down.weight")) and t.dim() == 4
+                   and tuple(t.shape[2:]) != (1, 1) for k, t in tensors.items())
+        found = {"dora" if dora else "locon" if conv else "lora"}
+    if "locon" in found or "dora" in found:
+        found.discard("lora")
+    return "+".join(sorted(found))
 
 
 def abbreviate_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -166,18 +232,25 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"file:       {report['path']}",
         f"format:     {report['format']}",
+        f"algorithm:  {report['algorithm']}",
         f"family:     {report['family']} ({report['family_reason']})",
         f"modules:    {report['modules']} "
         + "(" + ", ".join(f"{k}: {v}" for k, v in sorted(report["components"].items())) + ")",
-        f"rank:       {', '.join(map(str, report['ranks']))}",
+        f"rank:       {', '.join(map(str, report['ranks'])) or 'none (whole LoKr factors)'}",
         f"alpha:      {', '.join(f'{a:g}' for a in report['alphas'])}"
         + ("" if report["alpha_stored"] else " (not stored: loaders use alpha = rank)"),
-        f"scale:      {', '.join(f'{s:g}' for s in report['scales'])} (alpha / rank)",
+        f"scale:      {', '.join(f'{s:g}' for s in report['scales'])} (alpha / rank"
+        + ("; 1 where both LoKr factors are whole)" if report["factors"] else ")"),
         f"targets:    {', '.join(report['target_kinds'])}",
         f"loads fully in: {', '.join(report['loads_fully_in']) or 'none known'}",
         f"other tools:    {report['other_tools']}",
         f"data hash:  {report['tensor_data_sha256']}",
     ]
+    if report["factors"]:
+        lines.insert(6, f"factor:     {', '.join(report['factors'])} (LoKr w1 shape)")
+    for emb in report["bundled_embeddings"]:
+        lines.append(f"embedding:  {emb['token']}: {emb['vectors']} vector(s) for "
+                     f"{', '.join(emb['encoders'])} (bundled)")
     if report["metadata"]:
         lines.append("metadata:")
         lines += [f"  {k}: {v}" for k, v in report["metadata"].items()]
@@ -203,10 +276,14 @@ def generate_images(
     revision: str = "main",
     variant: str | None = None,
     device: str | None = None,
+    embeddings: list[str] | None = None,
 ) -> list[Image.Image]:
-    """Render ``num_images`` images; each carries its A1111 ``parameters`` in ``.info``."""
+    """Render ``num_images`` images; each carries its A1111 ``parameters`` in ``.info``.
+
+    ``embeddings``: textual-inversion files (path or URL), each called by its token."""
     pipe, lora_data = open_pipeline(
-        model, lora, lora_scale=lora_scale, revision=revision, variant=variant, device=device
+        model, lora, lora_scale=lora_scale, revision=revision, variant=variant, device=device,
+        embeddings=embeddings,
     )
     named = (lora, lora_data, lora_scale) if lora and lora_data is not None else None
     return render_images(
@@ -223,8 +300,10 @@ def open_pipeline(
     revision: str = "main",
     variant: str | None = None,
     device: str | None = None,
+    embeddings: list[str] | None = None,
 ) -> tuple[Any, bytes | None]:
-    """(pipeline on ``device`` with ``lora`` loaded at ``lora_scale``, the LoRA's bytes).
+    """(pipeline on ``device`` with ``lora`` loaded at ``lora_scale`` and the
+    textual-inversion files ``embeddings``, the LoRA's bytes).
 
     Apart from :func:`render_images`, so that a long-lived caller (``loraflow demo``)
     loads the model once and renders many times.
@@ -238,7 +317,9 @@ def open_pipeline(
     pipe, _, family = load_pipeline(model_args, torch.float32, safety_checker=True)
     lora_data = read_lora_bytes(lora) if lora else None
     if lora_data is not None:
-        load_lora(pipe, lora_data, lora, family.name, lora_scale)
+        load_lora(pipe, lora_data, lora, family.name, lora_scale, family=family)
+    for location in embeddings or []:
+        load_embedding_file(pipe, family, location)
     pipe.to(torch.device(device) if device else training_device())
     pipe.set_progress_bar_config(disable=True)
     return pipe, lora_data
@@ -280,21 +361,67 @@ def render_images(
     return images
 
 
-def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: float) -> None:
-    """Load a diffusers or kohya LoRA file into ``pipe`` at strength ``scale``.
+def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: float,
+              family: Any = None) -> None:
+    """Load a diffusers, kohya or LyCORIS LoRA file into ``pipe`` at strength ``scale``,
+    with the embeddings it bundles (``family``: the model's, for those).
 
     The LoRA's prediction type (``modelspec.prediction_type``) is given to the scheduler:
     a v-prediction LoRA sampled as epsilon renders noise.
     """
-    tensors = _tensors(data, location)
-    if detect_format(tensors) != "unknown":  # other layouts: diffusers' converters decide
-        metadata = read_metadata(data)
-        lora_family, reason = guess_family(tensors, lora_modules(tensors, metadata), metadata)
+    from engine.infer.merged_network import merge_network
+
+    where = storage.redact(location)
+    tensors, bundles = _split_bundle(_tensors(data, location), location)
+    metadata = read_metadata(data)
+    network: list[NetworkModule] = []
+    if detect_format(tensors) != "unknown" or is_lycoris(tensors):  # else: diffusers decides
+        _, modules, network = _described(tensors, metadata, location)
+        lora_family, reason = guess_family(tensors, modules, metadata)
         if lora_family not in ("unknown", family_name):
             raise LoraFileRefused(
-                f"{storage.redact(location)} is a {lora_family} LoRA ({reason}); "
-                f"the model is {family_name}"
+                f"{where} is a {lora_family} LoRA ({reason}); the model is {family_name}"
             )
+    if bundles:
+        _load_bundles(pipe, family, bundles, where)
+        data = _without_bundles(tensors, metadata)
+    if network:
+        merge_network(pipe, network, scale, where)
+    else:
+        _load_with_diffusers(pipe, data, location, family_name)
+        set_lora_scale(pipe, scale)
+    _apply_prediction_type(pipe, metadata.get("modelspec.prediction_type"))
+
+
+def _without_bundles(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The file without its bundled embeddings, header kept (diffusers reads it)."""
+    from engine.store.safetensors_io import dump
+
+    return dump(tensors, metadata)
+
+
+def _load_bundles(pipe: Any, family: Any, bundles: dict, where: str) -> None:
+    from engine.lora.user_embeddings import encoder_vectors, load_embeddings
+
+    if family is None:
+        raise LoraFileRefused(f"{where} bundles embeddings; the model's family is needed")
+    load_embeddings(pipe, {token: encoder_vectors(token, named, family, where)
+                           for token, named in bundles.items()}, where)
+
+
+def load_embedding_file(pipe: Any, family: Any, location: str) -> str:
+    """Put a textual-inversion file on ``pipe``; return the token it is called by."""
+    from engine.lora.user_embeddings import encoder_vectors, load_embeddings, token_from_file
+
+    data = read_lora_bytes(location)
+    where = storage.redact(location)
+    token = token_from_file(read_metadata(data), storage.basename(location))
+    load_embeddings(pipe, {token: encoder_vectors(token, _tensors(data, location), family,
+                                                  where)}, where)
+    return token
+
+
+def _load_with_diffusers(pipe: Any, data: bytes, location: str, family_name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "lora.safetensors").write_bytes(data)
         try:
@@ -304,13 +431,16 @@ def load_lora(pipe: Any, data: bytes, location: str, family_name: str, scale: fl
                 f"diffusers cannot load {storage.redact(location)} into this {family_name} "
                 f"model: {exc}"
             ) from None
-    set_lora_scale(pipe, scale)
-    _apply_prediction_type(pipe, read_metadata(data).get("modelspec.prediction_type"))
 
 
 def set_lora_scale(pipe: Any, scale: float) -> None:
     """Set the strength of the LoRA :func:`load_lora` loaded (0: the base model's images)."""
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
+    from engine.infer.merged_network import has_merged_network, set_strength
+
+    if has_merged_network(pipe):
+        set_strength(pipe, scale)
+    else:
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
 
 
 def _apply_prediction_type(pipe: Any, spec_value: str | None) -> None:

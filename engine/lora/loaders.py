@@ -25,6 +25,15 @@ Facts from each loader's own source, pinned so that a change upstream is a chang
   commit ed6847a1, for one) also miss conv_in/out and the time and add embeddings under
   any spelling; the verdict is for 0.42, the version the tests load with.
 * AUTOMATIC1111 / Forge read the kohya layout; their key maps are not checked here.
+* LyCORIS files (:func:`file_support`): ComfyUI reads LoHa, LoKr and DoRA
+  (``comfy/weight_adapter/``, see :mod:`engine.lora.lycoris`) and ``bundle_emb``
+  (``comfy/sd1_clip.py``); A1111 / Forge have ``network_hada.py`` / ``network_lokr.py``
+  and read ``bundle_emb`` (``networks.py``), key maps not checked. diffusers 0.42.1
+  refuses a LoHa / LoKr kohya file of SD 1.x / 2.x / SDXL ("The following keys have not
+  been correctly renamed"; its LoKr converters are for Z-Image and Flux 2 only; the
+  request is huggingface/diffusers#3087, the symptom KohakuBlueleaf/LyCORIS#270), drops
+  a kohya DoRA's ``dora_scale`` with a warning, and refuses ``bundle_emb`` keys (they
+  have no ``lora`` in them). ``loraflow generate`` loads all of these itself.
 
 The diffusers file cannot be changed to load fully in ComfyUI without breaking diffusers
 (measured with 0.42): per-layer ``.alpha`` tensors make diffusers refuse the file
@@ -146,3 +155,33 @@ def _without_prefix(name: str) -> str:
         if name.startswith(prefix):
             return name.removeprefix(prefix)
     return name
+
+
+#: What diffusers does with a kohya file of each LyCORIS algorithm (measured, 0.42.1).
+_DIFFUSERS_LYCORIS = {
+    "loha": "load_lora_weights refuses LoHa files",
+    "lokr": "load_lora_weights refuses LoKr files of SD 1.x / 2.x / SDXL",
+    "dora": "load_lora_weights drops dora_scale (a plain LoRA, not the DoRA)",
+}
+
+
+def file_support(fmt: str, family: str, modules: list[LoraModule], algorithm: str = "lora",
+                 bundled: bool = False) -> ToolSupport:
+    """:func:`tool_support`, knowing the file's LyCORIS ``algorithm`` (lora, locon, dora,
+    loha, lokr) and whether it bundles new-token embeddings (``bundle_emb``)."""
+    support = tool_support(fmt, family, modules)
+    if fmt != "kohya" or (algorithm not in _DIFFUSERS_LYCORIS and not bundled):
+        return support
+    notes = [n for n in (_DIFFUSERS_LYCORIS.get(algorithm),
+                         "load_lora_weights refuses bundle_emb keys" if bundled else None) if n]
+    tools = tuple(t for t in support.loads_fully_in if t != DIFFUSERS)
+    if not support.loads_fully_in and support.elsewhere.startswith("not known"):
+        return ToolSupport((), f"{support.elsewhere}; {DIFFUSERS}: {'; '.join(notes)}")
+    a1111 = {"loha": "reads LoHa", "lokr": "reads LoKr"}.get(algorithm, "reads this format")
+    if bundled:
+        a1111 += " and bundle_emb"
+    checked = "dora_scale and keys not checked" if algorithm == "dora" else "not checked key by key"
+    return ToolSupport(
+        tools, f"{DIFFUSERS}: {'; '.join(notes)} (loraflow generate loads it); "
+               f"{A1111}: {a1111} ({checked})",
+    )

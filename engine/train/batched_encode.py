@@ -29,9 +29,10 @@ is encoded one image at a time as before. It only runs where it was proven, by
 tiling, slicing or offload hooks, on the CPU, in fp32, with one torch thread (the thread
 count changes which kernels run). Anything else keeps per-sample encoding.
 
-Captions: CLIP's text model over 77 padded tokens is batch-invariant as it is (SD 1.x /
-2.x, measured equal to the bit). SDXL's pooled projection is not (a matrix-vector
-product alone, a matrix product in a batch: 4.8e-7), so SDXL captions stay one by one.
+Captions (:class:`CaptionBatcher`): the same vector steps move CLIP's bits batched:
+tiny-sd1's MLP is 37 wide, so a caption's 77 x 37 activations are not a whole number of
+steps and QuickGELU (a sigmoid) rounds a batch's boundary elements otherwise (6e-8, the
+last token of the last caption). That one layer is run caption by caption.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from engine.train.live_encode import posterior
 
 #: the layer kinds whose kernel choices a plan records and checks
 _PLANNED = (nn.Conv2d, nn.GroupNorm, nn.Linear)
+#: elements per image that every layer output must be a multiple of (a margin over the
+#: 32 floats an AVX-512 elementwise loop step takes)
+_VECTOR_STEP = 64
 _SLOW = torch._C._ConvBackend.Slow2d
 _ONEDNN = torch._C._ConvBackend.Mkldnn
 
@@ -123,9 +127,10 @@ class VaeBatcher:
         done: list[tuple[torch.Tensor, torch.Tensor]] = []
         if key not in self._plans:  # the first image, alone, records the plan
             recorded: list[_Choice] = []
-            with self._hooks(self._recorder(recorded)):
+            sizes: list[int] = []
+            with self._hooks(*self._recorder(recorded, sizes)):
                 done.append(self._one(pixels[0], where))
-            self._plans[key] = recorded if self._plan_checked(recorded) else None
+            self._plans[key] = recorded if self._plan_checked(recorded, sizes) else None
             pixels = pixels[1:]
         plan = self._plans[key]
         if plan is None or len(pixels) < 2:
@@ -154,9 +159,14 @@ class VaeBatcher:
         return mean[0].cpu(), std[0].cpu()
 
     @staticmethod
-    def _plan_checked(plan: list[_Choice]) -> bool:
-        """Only backends this module's tests proved batch-invariant are replayed."""
-        return all(c.backend in (None, _SLOW, _ONEDNN) for c in plan)
+    def _plan_checked(plan: list[_Choice], sizes: list[int]) -> bool:
+        """Only backends this module's tests proved batch-invariant are replayed, and only
+        where each layer's output (what SiLU and the residual adds read) is a whole number
+        of vector steps per image: torch's elementwise loops run 2 x 16 floats at a time
+        (AVX-512) and the rest one by one, with other rounding for sigmoid and exp, so a
+        batch whose images do not start on a step boundary moves bits."""
+        return (all(c.backend in (None, _SLOW, _ONEDNN) for c in plan)
+                and all(n % _VECTOR_STEP == 0 for n in sizes))
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -175,12 +185,17 @@ class VaeBatcher:
                 h.remove()
 
     @staticmethod
-    def _recorder(into: list[_Choice]) -> Callable[..., None]:
+    def _recorder(into: list[_Choice], sizes: list[int],
+                  ) -> tuple[Callable[..., None], Callable[..., None]]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             backend = _conv_backend(module, x) if isinstance(module, nn.Conv2d) else None
             into.append(_Choice(module, _memory_format(x), backend))
-        return record
+
+        def size(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            sizes.append(output.numel())  # one image: its whole size
+
+        return record, size
 
     @staticmethod
     def _replayer(plan: list[_Choice]) -> tuple[Callable[..., Any], Callable[..., None]]:
@@ -208,20 +223,45 @@ class VaeBatcher:
         return before, after
 
 
-def batchable_text(base: Any) -> bool:
-    """Whether captions may be encoded as one call: SD 1.x / 2.x (one CLIP text model, no
-    pooled projection) on the CPU in fp32 with one thread. Read it once per source: the
-    encoder's dtype walks its modules."""
-    encoders = base.text_encoders
-    return (not base.family.is_sdxl and len(encoders) == 1
-            and type(encoders[0]).__name__ == "CLIPTextModel"
-            and proven_here(torch.device(base.device), encoders[0].dtype))
+class CaptionBatcher:
+    """A micro-batch's new captions in one text-encoder call, each with the bits it gets
+    alone: SD 1.x / 2.x's ``CLIPTextModel`` on the CPU in fp32 with one thread.
+
+    Its MLP activation (QuickGELU, a sigmoid) is the one layer that moved bits batched
+    (tiny-sd1: 77 x 37 values a caption, not a whole number of vector steps): a forward
+    hook recomputes it caption by caption, on each caption's own slice. The linears,
+    layer norms and attention gave the same bits batched (40 random batches of 2-8
+    captions, tests/engine/train/test_batched_encode.py). SDXL stays one by one (its
+    pooled projection is a matrix-vector product alone, 4.8e-7 off batched).
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        encoders = base.text_encoders
+        self._activations: list[nn.Module] = []
+        if (not base.family.is_sdxl and len(encoders) == 1
+                and type(encoders[0]).__name__ == "CLIPTextModel"
+                and proven_here(torch.device(base.device), encoders[0].dtype)):
+            self._activations = [m for name, m in encoders[0].named_modules()
+                                 if name.endswith("mlp.activation_fn")]
+
+    @property
+    def usable(self) -> bool:
+        return bool(self._activations) and torch.get_num_threads() == 1
+
+    def encode(self, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each caption's conditioning, as ``engine.train.samples.encode_caption`` gives it."""
+        handles = [m.register_forward_hook(_caption_by_caption) for m in self._activations]
+        try:
+            out = encode_captions(self.base.family, self.base.tokenizers,
+                                  self.base.text_encoders, captions, self.base.device)
+        finally:
+            for h in handles:
+                h.remove()
+        return {c: {k: v[i].cpu() for k, v in out.items()} for i, c in enumerate(captions)}
 
 
-@torch.no_grad()
-def encode_caption_batch(base: Any, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Each caption's conditioning, as :func:`engine.train.samples.encode_caption` gives
-    it, from one text-encoder call (only where :func:`batchable_text` holds)."""
-    out = encode_captions(base.family, base.tokenizers, base.text_encoders, captions,
-                          base.device)
-    return {c: {k: v[i].cpu() for k, v in out.items()} for i, c in enumerate(captions)}
+def _caption_by_caption(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """The activation of each caption on its own slice (its vector steps start with it)."""
+    x = args[0]
+    return torch.cat([module.forward(x[i:i + 1]) for i in range(x.shape[0])])

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.data.transforms import RESIZE_FILTER, CropPlan, apply_crop, to_rgb
+from engine.data.transforms import CropPlan, apply_crop, resized_rgb
 
 #: Bytes of resized images one process keeps (64 px: ~12 KiB an image; 1024 px: ~3 MiB).
 MEMO_BYTES = 256 * 1024**2
@@ -62,14 +62,6 @@ def _inside(plan: CropPlan) -> bool:
 
 
 def _resized(image: Any, plan: CropPlan) -> np.ndarray:
-    """``image`` as apply_crop resizes it: checked against the plan, RGB, BILINEAR."""
-    height, width = plan.original_size
-    if image.size != (width, height):
-        raise ValueError(
-            f"image is {image.size[0]}x{image.size[1]} but the crop plan is for {width}x{height}"
-        )
-    rgb = to_rgb(image)
-    new_h, new_w = plan.resized_size
-    if (new_w, new_h) != rgb.size:
-        rgb = rgb.resize((new_w, new_h), resample=RESIZE_FILTER)
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: crops of it become tensors
+    """``image`` as apply_crop resizes it (:func:`resized_rgb`), as a writable array: crops
+    of it become tensors."""
+    return np.array(resized_rgb(image, plan), dtype=np.uint8)

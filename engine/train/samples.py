@@ -12,8 +12,9 @@ Why one sample at a time: on CPU a batch goes through other convolution and matm
 kernels than a single sample (measured on tiny-sd1: VAE posterior means differ by up to
 2e-6, text embeddings by 6e-8), so batched encoding would make a sample's latent depend
 on its batch mates, and the live path would stop matching the cache. Where it was proven
-equal to the bit (CPU, fp32, one thread), a micro-batch still goes through one VAE call
-that replays the kernel choices of a single image (engine/train/batched_encode.py). The live path is
+equal to the bit (CPU, fp32, one thread), a micro-batch's images still go through one
+VAE call that replays one image's kernel choices, and its new captions through one
+text-encoder call (engine/train/batched_encode.py). The live path is
 made cheap otherwise: the VAE's device and dtype are read once (diffusers walks every
 module to answer them), and a caption that occurs twice in a micro-batch is encoded once.
 
@@ -45,7 +46,7 @@ from engine.data.transforms import CropPlan, plan_crop
 from engine.model.family import encode_captions, sdxl_time_ids
 from engine.model.precision import autocast
 from engine.task.definition import CaptionArgs, TaskDefinition
-from engine.train.batched_encode import VaeBatcher, batchable_text, encode_caption_batch
+from engine.train.batched_encode import CaptionBatcher, VaeBatcher
 from engine.train.bucket_sides import check_bucket_sides, vae_factor
 from engine.train.caption_rules import caption_for
 from engine.train.live_encode import frozen, posterior
@@ -250,8 +251,8 @@ class SampleSource:
         return VaeBatcher(self.base.vae)
 
     @cached_property
-    def _text_batchable(self) -> bool:
-        return batchable_text(self.base)
+    def _caption_batcher(self) -> CaptionBatcher:  # and its new captions
+        return CaptionBatcher(self.base)
 
     def latent_shape(self, bucket: Bucket) -> torch.Size:
         """(channels, height, width) of the latent of an image cropped to ``bucket``."""
@@ -291,8 +292,8 @@ class SampleSource:
                 [s.pixels for s in samples if s.posterior is None], self._vae_placement))
             new = list(dict.fromkeys(s.decision.caption for s in samples
                                      if s.conditioning is None))
-            if not trains_text and len(new) > 1 and self._text_batchable:
-                encoded = encode_caption_batch(base, new)
+            if not trains_text and len(new) > 1 and self._caption_batcher.usable:
+                encoded = self._caption_batcher.encode(new)
         for s in samples:
             if s.posterior is not None:
                 mean, std = s.posterior

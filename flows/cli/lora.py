@@ -33,6 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         revision=args.revision,
         variant=args.variant,
         device=args.device,
+        embeddings=args.embedding,
     )
     for url in write_images(images, args.output_dir, stem=f"seed{args.seed}"):
         print(url)
@@ -53,7 +54,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def add_commands(subparsers: Any) -> None:
     """Register ``generate`` and ``inspect`` on the CLI's subparsers object."""
     p = add_subcommand(subparsers, "generate", cmd_generate,
-                       "render images with a base model and a LoRA (diffusers or kohya file)",
+                       "render images with a base model and a LoRA (diffusers, kohya or "
+                       "LyCORIS LoHa/LoKr/DoRA file; bundled embeddings load with it)",
                        example="loraflow generate --model loraflow/tiny-shapes --lora "
                                "runs/quickstart/lora/pytorch_lora_weights.safetensors "
                                "--prompt 'a sks circle on a white background' --guidance 2 "
@@ -69,6 +71,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
     p.add_argument("--width", type=int, help="pixels (default: the model's)")
     p.add_argument("--height", type=int, help="pixels (default: the model's)")
+    p.add_argument("--embedding", action="append", metavar="FILE",
+                   help="textual-inversion .safetensors file, called in the prompt by its "
+                        "token (its loraflow_token, else its file name); repeatable")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--revision", default="main", help="model revision (default main)")
@@ -78,7 +83,8 @@ def add_commands(subparsers: Any) -> None:
 
     p = add_subcommand(
         subparsers, "inspect", cmd_inspect,
-        "show what a LoRA file holds: format, family, rank, alpha, targets, metadata",
+        "show what a LoRA file holds: format, algorithm, family, rank or factor, alpha, "
+        "targets, bundled embeddings, metadata",
         example="loraflow inspect runs/quickstart/lora/pytorch_lora_weights.safetensors",
     )
     p.add_argument("file", help="LoRA .safetensors file (path or URL)")

@@ -35,7 +35,7 @@ from tests.support.flow import (
     task_runs,
     wait_for,
 )
-from tests.support.prefect_server import stop_group
+from tests.support.prefect_server import ORCHESTRATOR, stop_group
 
 pytest_plugins = ["tests.support.flow_fixtures", "tests.support.prefect_server"]
 
@@ -45,18 +45,6 @@ POOL = "loraflow-gpu"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum
 SILENCE_SECONDS = 75  # a little over two missed heartbeats: short, for the test
 
-ORCHESTRATOR = """
-import json, sys
-from engine.task.validation import validate_document
-from flows.finetune import finetune
-
-task = validate_document(json.loads(sys.argv[1]))
-state = finetune.with_options(flow_run_name=sys.argv[2])(
-    task=task, output_dir=sys.argv[3], segment_deployment="finetune-segment/gpu",
-    return_state=True,
-)
-sys.exit(0 if state.is_completed() else 1)
-"""
 
 
 def _run(command: list[str], env: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from tests.support.flow import (
     task_runs,
     wait_for,
 )
-from tests.support.prefect_server import stop_group
+from tests.support.prefect_server import ORCHESTRATOR, stop_group
 
 pytest_plugins = ["tests.support.flow_fixtures", "tests.support.prefect_server"]
 
@@ -67,18 +67,6 @@ def segment_workers(prefect_server: str, tmp_path: Path) -> Iterator[list[subpro
             stop_group(worker)
 
 
-ORCHESTRATOR = """
-import json, sys
-from engine.task.validation import validate_document
-from flows.finetune import finetune
-
-task = validate_document(json.loads(sys.argv[1]))
-state = finetune.with_options(flow_run_name=sys.argv[2])(
-    task=task, output_dir=sys.argv[3], segment_deployment="finetune-segment/gpu",
-    return_state=True,
-)
-sys.exit(0 if state.is_completed() else 1)
-"""
 
 
 def test_segments_run_on_served_workers(

@@ -18,6 +18,21 @@ import pytest
 
 from tests.support.flow import subprocess_env, wait_for
 
+#: A ``finetune`` run in a child process that hands each segment to the workers of
+#: ``finetune-segment/gpu``: ``python -c ORCHESTRATOR TASK_JSON RUN_NAME OUTPUT_DIR``.
+ORCHESTRATOR = """
+import json, sys
+from engine.task.validation import validate_document
+from flows.finetune import finetune
+
+task = validate_document(json.loads(sys.argv[1]))
+state = finetune.with_options(flow_run_name=sys.argv[2])(
+    task=task, output_dir=sys.argv[3], segment_deployment="finetune-segment/gpu",
+    return_state=True,
+)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -3,16 +3,13 @@ for bit, where it is enabled; elsewhere it is not used (engine/train/batched_enc
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from engine.model.loading import load_base_model, training_device
-from engine.train.batched_encode import (
-    VaeBatcher,
-    batchable_text,
-    encode_caption_batch,
-    proven_here,
-)
+from engine.train.batched_encode import CaptionBatcher, VaeBatcher, proven_here
 from engine.train.live_encode import frozen
 from engine.train.samples import encode_caption, encode_image, placement
 from tests.support.engine import make_task
@@ -57,7 +54,8 @@ def assert_same_bits(got, want) -> None:
 
 @pytest.mark.parametrize("model", ["sd1", "sdxl"])
 @pytest.mark.parametrize(("count", "height", "width"),
-                         [(2, 64, 64), (4, 64, 64), (3, 64, 96), (4, 96, 64), (8, 128, 128)])
+                         [(2, 64, 64), (4, 64, 64), (3, 64, 96), (4, 96, 64), (4, 64, 128),
+                          (8, 128, 128)])
 def test_a_batched_vae_call_gives_each_image_the_bits_it_gets_alone(
         request, model: str, count: int, height: int, width: int) -> None:
     base = request.getfixturevalue(model)
@@ -126,20 +124,36 @@ def test_a_plan_that_no_longer_fits_falls_back_to_one_by_one(sd1) -> None:
     assert torch._C._get_mkldnn_enabled()  # the oneDNN switch is left as it was
 
 
-CAPTIONS = ["a red square", "a photo of a blue circle on a wooden table, high quality", "x",
-            "", "a cat " * 40, "sks dog"]
+def test_images_whose_layers_are_not_whole_vector_steps_are_encoded_one_by_one(sd1) -> None:
+    """At 72 px the mid-block holds 16 x 9 x 9 values an image: a batch would move bits."""
+    batcher = VaeBatcher(sd1.vae)
+    pixels = pixels_like_the_data_path(3, 72, 72, 7)
+    with frozen():
+        got = batcher.encode(pixels, placement(sd1.vae))
+    assert_same_bits(got, one_at_a_time(sd1.vae, pixels))
+    assert list(batcher._plans.values()) == [None]
+
+
+WORDS = ["a", "red", "green", "blue", "square", "circle", "triangle", "on", "white", "gray",
+         "background", "photo", "of", "the", "dog", "cat", "sks"]
 
 
 def test_one_text_encoder_call_gives_each_caption_its_own_bits(sd1) -> None:
-    assert batchable_text(sd1)
-    with frozen():
-        got = encode_caption_batch(sd1, CAPTIONS)
-        for caption in CAPTIONS:
-            want = encode_caption(sd1, caption)
-            assert got[caption].keys() == want.keys()
-            assert all(torch.equal(got[caption][k], want[k]) for k in want)
+    batcher = CaptionBatcher(sd1)
+    assert batcher.usable
+    rng = random.Random(0)
+    for _ in range(40):
+        captions = list(dict.fromkeys(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 40)))
+            for _ in range(rng.randint(2, 8))))
+        with frozen():
+            got = batcher.encode(captions)
+            for caption in captions:
+                want = encode_caption(sd1, caption)
+                assert got[caption].keys() == want.keys()
+                assert all(torch.equal(got[caption][k], want[k]) for k in want)
 
 
 def test_sdxl_captions_stay_one_by_one(sdxl) -> None:
     """Its pooled projection is a matrix-vector product alone, a matrix product batched."""
-    assert not batchable_text(sdxl)
+    assert not CaptionBatcher(sdxl).usable

@@ -53,12 +53,12 @@ def test_a_caption_twice_in_a_batch_is_encoded_once_with_the_same_bits(live) -> 
     prepared = [dataclasses.replace(p, decision=dataclasses.replace(p.decision, caption=shared))
                 if k < 3 else p for k, p in enumerate(prepared)]
     calls = []
-    hook = base.text_encoders[0].register_forward_hook(lambda *_: calls.append(1))
+    hook = base.text_encoders[0].register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
     try:
         batch = source.batch(prepared)
     finally:
         hook.remove()
-    assert len(calls) == 2  # the shared caption and the fourth sample's own
+    assert sum(calls) == 2  # captions encoded: the shared one and the fourth sample's own
     alone = encode_caption(base, shared)["prompt_embeds"]
     for row in range(3):
         assert torch.equal(batch.conditioning["prompt_embeds"][row], alone)
