@@ -47,7 +47,8 @@ from engine.data.layout import (
     normal_address,
     read_committed,
 )
-from engine.data.masks import KeptMasks, MaskFinder, check_mask, mask_file
+from engine.data.masks import MaskFinder, check_mask, kept_masks, mask_file
+from engine.data.reread import RereadFiles
 from engine.data.row_filters import apply_filters
 from engine.data.sources import Source, as_image_column, image_bytes, image_name, load_source
 from engine.task.definition import DatasetArgs
@@ -115,10 +116,10 @@ def prepare_dataset(
         }
         if args.filters:
             meta["filtered_out"] = filtered_out
-        images: Mapping[str, bytes] = _KeptImages(source, args.image_column, kept)
+        images: Mapping[str, bytes] = _kept_images(source, args.image_column, kept)
         if masks is not None:
             rows = source.dataset.select_columns([args.image_column])
-            images = ChainMap(images, KeptMasks(masks, rows, args.image_column, kept.masks))
+            images = ChainMap(images, kept_masks(masks, rows, args.image_column, kept.masks))
         manifest = commit_dataset(address, images, kept.records, meta)
     return DatasetManifest.of(address, manifest)
 
@@ -196,32 +197,16 @@ def _skipped(
     return entry
 
 
-class _KeptImages(Mapping[str, bytes]):
-    """The kept images as the commit wants them (name -> bytes), read from the source
-    when asked, one at a time: a large dataset is never held in memory.
+def _kept_images(source: Source, column: str, kept: _Kept) -> RereadFiles:
+    """The kept images as the commit wants them, read again from the (local, scratch or
+    source) files that were checked, one at a time."""
+    rows = source.dataset.select_columns([column])
 
-    The bytes are read again from the (local, scratch or source) files that were
-    checked; a file that changed since is refused rather than committed unchecked.
-    """
+    def read(index: int) -> tuple[str, bytes]:
+        return (f"source image of row {index}",
+                image_bytes(rows[index][column], source))
 
-    def __init__(self, source: Source, column: str, kept: _Kept) -> None:
-        self._rows = source.dataset.select_columns([column])
-        self._source = source
-        self._column = column
-        self._files = kept.files
-
-    def __getitem__(self, name: str) -> bytes:
-        index, sha256 = self._files[name]
-        data = image_bytes(self._rows[index][self._column], self._source)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise DatasetError(f"source image of row {index} changed while it was prepared")
-        return data
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
+    return RereadFiles(kept.files, read)
 
 
 def _check_usable(kept: _Kept, args: DatasetArgs, keep_uncaptioned: bool = False) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from PIL import Image, ImageOps
 from engine.data.caption_files import IMAGE_EXTENSIONS
 from engine.data.errors import DatasetError
 from engine.data.images import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_PIXELS
+from engine.data.reread import RereadFiles
 from engine.task.definition import DatasetArgs
 
 #: What ends the stem of a mask beside its image: ``dog.png`` -> ``dog_mask.png``.
@@ -264,23 +265,13 @@ class MaskFinder:
         return found[0]
 
 
-class KeptMasks(Mapping[str, bytes]):
+def kept_masks(finder: MaskFinder, rows: Any, column: str,
+               files: dict[str, tuple[int, str]]) -> RereadFiles:
     """The kept examples' masks as the commit wants them (name -> bytes), read from the
     source again when asked and refused if changed since they were checked."""
 
-    def __init__(self, finder: MaskFinder, rows: Any, column: str,
-                 files: dict[str, tuple[int, str]]) -> None:
-        self._finder, self._rows, self._column, self._files = finder, rows, column, files
+    def read(index: int) -> tuple[str, bytes]:
+        where, data = finder.find(index, rows[index][column])
+        return f"mask {where}", data
 
-    def __getitem__(self, name: str) -> bytes:
-        index, sha256 = self._files[name]
-        where, data = self._finder.find(index, self._rows[index][self._column])
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise DatasetError(f"mask {where} changed while it was prepared")
-        return data
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
+    return RereadFiles(files, read)
