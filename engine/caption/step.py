@@ -47,6 +47,9 @@ from engine.store.commit import read_verified_file
 from engine.task.definition import CaptioningArgs
 
 #: Settings that shape the written captions (beside the fingerprint, which shapes answers).
+#: The settings that decide what a backend is asked (its fingerprint is made of them).
+_ASKING_FIELDS = ("backend", "model", "revision", "base_url", "prompt", "trigger",
+                  "class_name", "max_length")
 _WRITING_FIELDS = ("mode", "strip_phrases", "lowercase", "caption_template", "trigger",
                    "class_name", "on_empty")
 #: Manifest keys the commit writes itself; the rest of the old manifest is carried over.
@@ -95,15 +98,14 @@ def caption_dataset(manifest: DatasetManifest, args: CaptioningArgs, cache_root:
     """Caption the prepared dataset of ``manifest`` (see the module doc); the report holds
     the captioned dataset's manifest. ``progress(done, total)`` follows the backend's
     batches. ``cache_root``: the caption cache (None: ``$LORAFLOW_HOME/captions``)."""
+    if (found := find_captioned(manifest, args)) is not None:
+        return found
     dataset = open_dataset(manifest.address)
     records = [dataset.record(i) for i in range(len(dataset))]
     report = CaptionReport(manifest=manifest, source=manifest.address)
     cache = CaptionCache(cache_root, captioner.fingerprint)
-    wanted = [i for i, r in enumerate(records) if args.mode != "missing"
-              or not has_text(r["captions"])]
-    address = captioned_address(manifest, args, captioner.fingerprint)
-    if (committed := read_committed(address)) is not None:
-        return _found(address, committed, len(records), len(wanted), report)
+    wanted = _wanted(records, args)
+    address = captioned_address(manifest, args)
     answers = _answers(dataset, records, wanted, cache, captioner, args.batch_size, report,
                        progress)
     new_records = []
@@ -132,28 +134,45 @@ def caption_dataset(manifest: DatasetManifest, args: CaptioningArgs, cache_root:
     return report
 
 
-def _found(address: str, committed: tuple[dict, list[dict]], total: int, wanted: int,
-           report: CaptionReport) -> CaptionReport:
+def find_captioned(manifest: DatasetManifest, args: CaptioningArgs) -> CaptionReport | None:
     """The report of a dataset captioned before (by this run's caption step, an earlier run,
-    another machine sharing the data folder): it is used as it is, nothing is asked again.
-    So every later reader (a segment on another worker, a retried flow) trains on the
-    same captions, even from a backend whose answers vary between calls."""
-    manifest, records = committed
-    report.uncaptioned = [dict(u) for u in manifest.get("captioning", {}).get("uncaptioned", [])]
+    another machine sharing the data folder), or None. It is used as it is and no backend
+    is built or asked, so every later reader (a segment on a worker without the API key
+    or the captioning model) trains on the very captions the first made, even from a
+    backend whose answers vary between calls."""
+    address = captioned_address(manifest, args)
+    if (committed := read_committed(address)) is None:
+        return None
+    source = open_dataset(manifest.address)
+    total = len(source)
+    wanted = len(_wanted([source.record(i) for i in range(total)], args))
+    report = CaptionReport(manifest=manifest, source=manifest.address)
+    manifest_dict, records = committed
+    report.uncaptioned = [dict(u) for u in
+                          manifest_dict.get("captioning", {}).get("uncaptioned", [])]
     report.from_cache = wanted - len(report.uncaptioned)
     report.kept = total - wanted
-    report.manifest = DatasetManifest.of(address, manifest)
+    report.manifest = DatasetManifest.of(address, manifest_dict)
     report.metadata = write_metadata(address, replace=False)
     report.pairs = [{"file": r["file"], "caption": r["captions"][0]} for r in records[:MAX_PAIRS]]
     return report
 
 
-def captioned_address(manifest: DatasetManifest, args: CaptioningArgs,
-                      fingerprint: Mapping[str, str]) -> str:
+def _wanted(records: list[dict], args: CaptioningArgs) -> list[int]:
+    """The records the backend is asked about: every one, or (mode 'missing') those
+    without a non-empty caption."""
+    return [i for i, r in enumerate(records) if args.mode != "missing"
+            or not has_text(r["captions"])]
+
+
+def captioned_address(manifest: DatasetManifest, args: CaptioningArgs) -> str:
     """Where the captioned copy of ``manifest``'s dataset goes: beside it, named by what
-    it is made from."""
+    it is made from: the old content, what the backend is asked (the settings its
+    fingerprint is made of) and how the answers are written. Known without building the
+    backend, so a reader finds the dataset without its key or model."""
+    asked = {name: getattr(args, name) for name in _ASKING_FIELDS}
     writing = {name: getattr(args, name) for name in _WRITING_FIELDS}
-    key = {"from": manifest.content_hash, "fingerprint": dict(fingerprint), "writing": writing}
+    key = {"from": manifest.content_hash, "asked": asked, "writing": writing}
     digest = hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
     return f"{manifest.address}-captioned-{digest}"
 

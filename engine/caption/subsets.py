@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.caption.backend import Captioner
-from engine.caption.step import CaptionReport, Progress, caption_dataset
+from engine.caption.step import CaptionReport, Progress, caption_dataset, find_captioned
 from engine.data.layout import DatasetManifest
 from engine.task.definition import CaptioningArgs, TaskDefinition
 
@@ -88,13 +88,16 @@ def caption_subsets(
     args = task.captioning
     if args is None:
         return list(manifests), summary
-    backend = captioner(args)
+    backend: Captioner | None = None  # built only if some subset is not captioned yet
     out = []
     for index, (manifest, subset) in enumerate(zip(manifests, task.subsets, strict=True)):
         if subset.shards:
             out.append(manifest)
             continue
-        report = caption_dataset(manifest, args, cache_root, backend, progress=progress)
+        report = find_captioned(manifest, args)
+        if report is None:
+            backend = backend or captioner(args)
+            report = caption_dataset(manifest, args, cache_root, backend, progress=progress)
         summary.reports[index] = report
         out.append(report.manifest)
     return out, summary
