@@ -5,7 +5,7 @@ dataset's ``content_hash`` (the records, captions included), so captions written
 records change what trains exactly when they change, and the uncaptioned original stays
 as it was (a second task with other caption settings starts from it again). The new
 dataset's address is the old one's with ``-captioned-{hash}`` (hash of the old content,
-the captioner's fingerprint and the settings that shape the written text); its images
+the settings that decide what the backend is asked and how answers are written); its images
 (and any other file, masks) are the old ones, copied. When the address already holds a
 committed dataset, it is used as it is and no backend is asked: every later reader (a
 segment on another worker, a retried flow) trains on the very captions the first made.
