@@ -176,7 +176,12 @@ class ValidationResult(Payload):
 
 
 class RunSummary(Payload):
-    """What a run did: the publish step stores it (plus dates) as ``run_summary.json``."""
+    """What a run did: the publish step stores it (plus dates) as ``run_summary.json``.
+
+    Here the places are full addresses (the flow's result prints them); the published
+    copy names them relative to ``output_dir`` and leaves that out
+    (engine/lora/public_summary.py).
+    """
 
     output_dir: str
     checkpoint: str

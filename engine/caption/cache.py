@@ -9,11 +9,14 @@ made before it and a reader never sees half a file::
     {root}/{fingerprint digest}/fingerprint.json     what made these answers (for people)
     {root}/{fingerprint digest}/{image sha256}.json  {"caption": ..., "reason": ...}
 
-The root is any fsspec location (default ``$LORAFLOW_HOME/captions``; an ``s3://``
-prefix shares it between workers). An empty or refused answer is kept too: the same
-model and prompt give it again (greedy decoding), so asking twice would only cost time;
-delete the fingerprint's folder to ask afresh. A file that does not read as an answer
-(hand-edited, torn by another tool) counts as not cached and is written again.
+The root is any fsspec location, always the one
+:func:`engine.data.prepared.caption_root` derives from the data folder (``captions/``
+in it: an ``s3://`` data folder shares answers between workers), so the flow, ``loraflow
+caption`` and ``loraflow segment`` read and write the same answers. An empty or refused
+answer is kept too: the same model and prompt give it again (greedy decoding), so asking
+twice would only cost time; delete the fingerprint's folder to ask afresh. A file that
+does not read as an answer (hand-edited, torn by another tool) counts as not cached
+and is written again.
 """
 
 from __future__ import annotations
@@ -25,17 +28,11 @@ from collections.abc import Mapping
 
 from engine.caption.backend import CaptionOutcome
 from engine.data.identity import canonical_json
-from engine.model.embedded.registry import loraflow_home
 from engine.store import storage
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_NAME = "fingerprint.json"
-
-
-def default_caption_root() -> str:
-    """``$LORAFLOW_HOME/captions``."""
-    return str(loraflow_home() / "captions")
 
 
 def fingerprint_digest(fingerprint: Mapping[str, str]) -> str:
@@ -44,11 +41,12 @@ def fingerprint_digest(fingerprint: Mapping[str, str]) -> str:
 
 
 class CaptionCache:
-    """The answers of one captioner (one fingerprint) under ``root``."""
+    """The answers of one captioner (one fingerprint) under ``root`` (no default here: a
+    second default would be a second cache that the other entry points never read)."""
 
-    def __init__(self, root: str | None, fingerprint: Mapping[str, str]) -> None:
+    def __init__(self, root: str, fingerprint: Mapping[str, str]) -> None:
         self.fingerprint = dict(fingerprint)
-        self.folder = storage.join(root or default_caption_root(), fingerprint_digest(fingerprint))
+        self.folder = storage.join(root, fingerprint_digest(fingerprint))
         self._described = False
 
     def get(self, sha256: str) -> CaptionOutcome | None:

@@ -93,11 +93,11 @@ class CaptionReport:
         }
 
 
-def caption_dataset(manifest: DatasetManifest, args: CaptioningArgs, cache_root: str | None,
+def caption_dataset(manifest: DatasetManifest, args: CaptioningArgs, cache_root: str,
                     captioner: Captioner, *, progress: Progress | None = None) -> CaptionReport:
     """Caption the prepared dataset of ``manifest`` (see the module doc); the report holds
     the captioned dataset's manifest. ``progress(done, total)`` follows the backend's
-    batches. ``cache_root``: the caption cache (None: ``$LORAFLOW_HOME/captions``)."""
+    batches. ``cache_root``: the caption cache (:func:`engine.data.prepared.caption_root`)."""
     if (found := find_captioned(manifest, args)) is not None:
         return found
     dataset = open_dataset(manifest.address)

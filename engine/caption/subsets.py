@@ -76,14 +76,15 @@ def make_captioner(args: CaptioningArgs) -> Captioner:
 def caption_subsets(
     task: TaskDefinition,
     manifests: list[DatasetManifest],
-    cache_root: str | None,
+    cache_root: str,
     *,
     progress: Progress | None = None,
     captioner: Callable[[CaptioningArgs], Captioner] = make_captioner,
 ) -> tuple[list[DatasetManifest], CaptionSummary]:
     """The task's prepared subsets (``manifests``, in the task's order) captioned: the
     manifests training reads instead, and what was done. ``cache_root``: the caption
-    cache (None: ``$LORAFLOW_HOME/captions``). ``captioner`` builds the backend."""
+    cache (:func:`engine.data.prepared.caption_root` of the data folder, for every entry
+    point). ``captioner`` builds the backend."""
     summary = CaptionSummary()
     args = task.captioning
     if args is None:

@@ -66,13 +66,30 @@ def prepare_subsets(task: TaskDefinition, data_root: str | None,
         check_mask_args(args)
         buckets = subset_buckets(subset, task)
         if args.shards:
-            out.append(prepare_shards(args, default_dataset_address(args, root, buckets),
+            out.append(prepare_shards(args, subset_address(subset, task, root),
                                       progress=progress, buckets=buckets))
             continue
-        keep = task.captioning is not None  # uncaptioned images kept for the caption step
-        out.append(prepare_dataset(args, default_dataset_address(args, root, buckets, keep),
+        keep = keeps_uncaptioned(task)
+        out.append(prepare_dataset(args, subset_address(subset, task, root),
                                    progress=progress, buckets=buckets, keep_uncaptioned=keep))
     return out
+
+
+def keeps_uncaptioned(task: TaskDefinition) -> bool:
+    """Whether the task's images without a caption are kept (with an empty one, and a
+    caption column added when the source has none) for the caption step to fill: a task
+    with ``captioning``."""
+    return task.captioning is not None
+
+
+def subset_address(subset: DatasetArgs, task: TaskDefinition, root: str) -> str:
+    """Where :func:`prepare_subsets` prepares ``subset`` of ``task`` under ``root``; the one
+    formula, so the reference checks (``engine.task.references``) find that very copy."""
+    args = resolved_dataset_args(subset)
+    buckets = subset_buckets(subset, task)
+    if args.shards:
+        return default_dataset_address(args, root, buckets)
+    return default_dataset_address(args, root, buckets, keeps_uncaptioned(task))
 
 
 def prepare_for_task(task: TaskDefinition, data_root: str | None,
@@ -91,8 +108,11 @@ def load_dataset_for_task(task: TaskDefinition, data_root: str | None,
 
 
 def caption_root(data_root: str | None) -> str:
-    """The caption cache: ``captions/`` in the data folder (beside ``class-images/``), so
-    machines sharing prepared data share answers too."""
+    """The caption cache: ``captions/`` in the data folder (``--data-dir``, default
+    ``$LORAFLOW_HOME/datasets``; beside ``class-images/``), so machines sharing prepared
+    data share answers too. Every entry point (the flow's caption step, ``loraflow
+    caption``, ``loraflow segment``) finds it here and nowhere else: answers one paid for
+    are never asked for again by another."""
     return storage.join(data_root or default_data_root(), "captions")
 
 
@@ -100,8 +120,9 @@ def caption_manifests(task: TaskDefinition, manifests: list[DatasetManifest],
                       data_root: str | None, progress: Any = None
                       ) -> tuple[list[DatasetManifest], Any]:
     """The subsets as training reads them once captioned (``captioning``): the caption
-    step's datasets, found when it ran before (no backend asked), made when not. Without
-    ``captioning``, ``manifests`` as they are and None."""
+    step's datasets, found when it ran before (no backend asked), made when not, answers
+    cached under :func:`caption_root`. Without ``captioning``, ``manifests`` as they are
+    and None."""
     if task.captioning is None:
         return manifests, None
     from engine.caption.subsets import caption_subsets

@@ -13,9 +13,11 @@ gives the same pixels on every run of the same machine kind, as A1111's batch se
 
 LoHa, LoKr and DoRA (LyCORIS) files are not diffusers' to load (it refuses the first two
 and drops DoRA's ``dora_scale``): their weight changes are merged into the base weights
-(:mod:`engine.infer.merged_network`). A kohya file's bundled embeddings (``bundle_emb``)
-and ``--embedding`` textual-inversion files are loaded as textual inversions
-(:mod:`engine.lora.user_embeddings`), so their tokens work in prompts.
+(:mod:`engine.infer.merged_network`). A diffusers / PEFT DoRA file is loaded by diffusers,
+and the text-encoder magnitudes it drops are put back (:mod:`engine.lora.diffusers_dora`).
+A kohya file's bundled embeddings (``bundle_emb``) and ``--embedding`` textual-inversion
+files are loaded as textual inversions (:mod:`engine.lora.user_embeddings`), so their
+tokens work in prompts.
 
 Only ``.safetensors`` is read: a pickle file (``.bin``/``.pt``/``.ckpt``) can run code
 when loaded, so it is refused, never unpickled.
@@ -431,6 +433,11 @@ def _load_with_diffusers(pipe: Any, data: bytes, location: str, family_name: str
                 f"diffusers cannot load {storage.redact(location)} into this {family_name} "
                 f"model: {exc}"
             ) from None
+    from safetensors.torch import load as load_tensors
+
+    from engine.lora.diffusers_dora import load_text_encoder_magnitudes
+
+    load_text_encoder_magnitudes(pipe, load_tensors(data), ADAPTER_NAME, storage.redact(location))
 
 
 def set_lora_scale(pipe: Any, scale: float) -> None:

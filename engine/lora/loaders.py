@@ -34,6 +34,11 @@ Facts from each loader's own source, pinned so that a change upstream is a chang
   request is huggingface/diffusers#3087, the symptom KohakuBlueleaf/LyCORIS#270), drops
   a kohya DoRA's ``dora_scale`` with a warning, and refuses ``bundle_emb`` keys (they
   have no ``lora`` in them). ``loraflow generate`` loads all of these itself.
+* A diffusers / PEFT DoRA file that adapts a text encoder: diffusers 0.42.1 with
+  transformers 5.23 loads the UNet fully but leaves each text-encoder layer's magnitude at
+  its untrained value (transformers' ``load_adapter`` does not place
+  ``lora_magnitude_vector``; :mod:`engine.lora.diffusers_dora`), with no error.
+  ``loraflow generate`` and loraflow's validation put the magnitudes back.
 
 The diffusers file cannot be changed to load fully in ComfyUI without breaking diffusers
 (measured with 0.42): per-layer ``.alpha`` tensors make diffusers refuse the file
@@ -164,12 +169,18 @@ _DIFFUSERS_LYCORIS = {
     "dora": "load_lora_weights drops dora_scale (a plain LoRA, not the DoRA)",
 }
 
+#: ... and with a diffusers / PEFT DoRA file's text encoders (measured, see the docstring).
+_DIFFUSERS_DORA_TEXT = ("load_lora_weights leaves the text encoders' DoRA magnitudes "
+                        "untrained (loraflow generate loads them)")
+
 
 def file_support(fmt: str, family: str, modules: list[LoraModule], algorithm: str = "lora",
                  bundled: bool = False) -> ToolSupport:
     """:func:`tool_support`, knowing the file's LyCORIS ``algorithm`` (lora, locon, dora,
     loha, lokr) and whether it bundles new-token embeddings (``bundle_emb``)."""
     support = tool_support(fmt, family, modules)
+    if fmt == "diffusers" and algorithm == "dora" and any(m.component != "unet" for m in modules):
+        return ToolSupport((), f"{DIFFUSERS}: {_DIFFUSERS_DORA_TEXT}; {support.elsewhere}")
     if fmt != "kohya" or (algorithm not in _DIFFUSERS_LYCORIS and not bundled):
         return support
     notes = [n for n in (_DIFFUSERS_LYCORIS.get(algorithm),

@@ -89,7 +89,9 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
 
     A task names its dataset (and possibly a checkpoint) by URL; a presigned or
     ``user:pass@`` URL would leak access if it travelled inside a shared LoRA file, and a
-    local path would leak the machine's layout.
+    local path would leak the machine's layout. Every field that may hold a location is
+    shown so: the model and its component overrides, each subset's source and shards, the
+    checkpoint, and the sections' files (:data:`_SECTION_LOCATIONS`).
     """
     data = task.stable_dump(mode="json")
     for key in ("name", "vae", "unet", "text_encoder", "text_encoder_2", "tokenizer",
@@ -106,7 +108,19 @@ def public_task_dict(task: TaskDefinition) -> dict[str, Any]:
             subset["shards"] = [public_name(shard) for shard in subset["shards"]]
     if data.get("checkpoint"):
         data["checkpoint"] = public_name(data["checkpoint"])
+    for section, key in _SECTION_LOCATIONS:
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(key):
+            part[key] = public_name(part[key])
     return data
+
+
+#: Location fields outside ``model``/``dataset``: a validation prompts or data file, the
+#: DreamBooth class images folder, a local captioning model and the captioning API's URL.
+_SECTION_LOCATIONS = (
+    ("validation", "prompts_file"), ("validation", "dataset_file"),
+    ("dreambooth", "class_data_dir"), ("captioning", "model"), ("captioning", "base_url"),
+)
 
 
 def subset_name(args: DatasetArgs) -> str:

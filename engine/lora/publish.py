@@ -7,9 +7,11 @@ From the last committed checkpoint's ``pytorch_lora_weights.safetensors`` this w
   ``lora_adapter_metadata`` unchanged (diffusers needs it to load alpha != rank at the
   right strength), plus the kohya / model-spec / hash keys;
 * ``loraflow_<slug>.safetensors``: the kohya file for ComfyUI and A1111, true alpha;
-* ``README.md`` (model card), ``task.json`` (validated task, URLs without secrets),
-  ``run_summary.json``, ``validation/*.png`` and the metrics file when given, and
-  ``validation/base/*.png`` (the base model alone, same prompts and seeds) when given.
+* ``README.md`` (model card), ``task.json`` (validated task, URLs without secrets,
+  local paths by their last part), ``run_summary.json`` (places relative to the run),
+  ``validation/*.png`` and the metrics file when given, and ``validation/base/*.png``
+  (the base model alone, same prompts and seeds) when given. No published file holds a
+  local path, a temporary folder or a credential.
 
 With ``train_args.ema`` the weights files hold the chosen weights (the average by
 default, from the checkpoint's ``pytorch_lora_weights_ema.safetensors``), and with
@@ -47,11 +49,11 @@ from engine.lora.metadata import (
     read_metadata,
     write_lora_file,
 )
+from engine.lora.public_summary import public_run_summary
 from engine.lora.weights import LORA_FILE
 from engine.model.family import Family
 from engine.store import storage
 from engine.store.commit import read_checkpoint
-from engine.store.redact import redact_values
 from engine.store.safetensors_io import with_metadata
 from engine.task.definition import TaskDefinition
 from engine.train.ema import other_source, published_source
@@ -87,7 +89,8 @@ def publish_lora(
 ) -> dict[str, Any]:
     """Write ``output_url``/lora/ from the committed checkpoint; return the URLs written.
 
-    ``run_summary`` is stored as ``run_summary.json``; its ``run_name`` names the kohya
+    ``run_summary`` is stored as ``run_summary.json`` (places in the run folder relative
+    to it, no local path: engine/lora/public_summary.py); its ``run_name`` names the kohya
     file and the card, its ``started_at``/``finished_at`` (ISO-8601 or unix seconds)
     date the files. ``family`` is read from the model's configs when not given.
     ``base_images`` (same prompts and seeds as ``validation_images``, without the LoRA)
@@ -134,7 +137,7 @@ def publish_lora(
     )
     texts = {
         "task.json": _json_text(public_task_dict(task)),
-        "run_summary.json": _json_text(redact_values(run_summary)),
+        "run_summary.json": _json_text(public_run_summary(run_summary, output_url)),
         "README.md": render_model_card(facts, card_files, captions) + _ema_section(task, roles)
         + new_tokens_section(task, embeddings),
     }

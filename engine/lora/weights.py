@@ -131,17 +131,20 @@ def restore_lora(data: bytes, modules: dict[str, Any]) -> None:
 def load_into_pipeline(pipe: Any, data: bytes) -> None:
     """Put a checkpoint's adapter file on a pipeline, as a user of the file would.
 
-    LoRA and DoRA go through diffusers' ``load_lora_weights`` (it reads both). diffusers
+    LoRA and DoRA go through diffusers' ``load_lora_weights``, then the text encoders'
+    DoRA magnitudes, which it drops (:mod:`engine.lora.diffusers_dora`). diffusers
     does not load LoHa or LoKr, so those are attached the PEFT way: the config from the
     file's ``lora_adapter_metadata`` header, then the tensors, on each component named.
     """
+    from engine.lora.diffusers_dora import load_text_encoder_magnitudes
     from engine.lora.lycoris import adapter_kind
 
     tensors = load_tensors(data)
     if adapter_kind(tensors) not in ("loha", "lokr"):
         with tempfile.TemporaryDirectory() as tmp:  # from a file, so its metadata is read
             (Path(tmp) / LORA_FILE).write_bytes(data)
-            pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+            pipe.load_lora_weights(tmp, weight_name=LORA_FILE, adapter_name="default_0")
+        load_text_encoder_magnitudes(pipe, tensors, "default_0", "the checkpoint's LoRA file")
         return
     import json
 

@@ -7,7 +7,8 @@ beside its weights, so a ``model/`` folder passed around on its own says what it
 * ``README.md``: a small model card (a full fine-tune of which base, which files load
   where, the training settings, base vs fine-tuned validation images);
 * ``task.json`` (the validated task, no local paths or credentials), ``run_summary.json``
-  (``training_type: "full"`` and the published files named), ``validation/*.png``,
+  (``training_type: "full"``, the published files named, places relative to the run
+  folder: engine/lora/public_summary.py), ``validation/*.png``,
   ``validation/base/*.png`` and the merged ``metrics.jsonl`` when given.
 
 No LoRA file is written. Like the LoRA publishing, the bytes depend only on the inputs
@@ -22,13 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.lora.metadata import public_name, public_task_dict
+from engine.lora.public_summary import public_run_summary
 from engine.model.full_export import DIFFUSERS_DIR, MODEL_DIR, publish_full_model
 from engine.store import storage
-from engine.store.redact import redact_values
 from engine.task.definition import TaskDefinition
-
-#: Component overrides that may name a local folder: published by their last part only.
-_COMPONENT_FIELDS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def model_file_stem(task: TaskDefinition, run_summary: Mapping[str, Any]) -> str:
@@ -62,8 +60,8 @@ def publish_full_run(
     files = {"diffusers_model": f"{DIFFUSERS_DIR}/", "single_file": f"{stem}.safetensors"}
     summary = {**run_summary, "training_type": "full", "published": files}
     texts = {
-        "task.json": _json_text(_public_task(task)),
-        "run_summary.json": _json_text(redact_values(summary)),
+        "task.json": _json_text(public_task_dict(task)),
+        "run_summary.json": _json_text(public_run_summary(summary, output_url)),
         "README.md": model_card(task, run_summary, files, dataset_hash=dataset_hash,
                                 images=[_relative(u, model_dir) for u in images],
                                 base_images=[_relative(u, model_dir) for u in base],
@@ -125,15 +123,6 @@ def model_card(task: TaskDefinition, run_summary: Mapping[str, Any], files: Mapp
     if metrics:
         lines += ["", f"Training metrics, one JSON line per step: `{metrics}`."]
     return "\n".join(lines) + "\n"
-
-
-def _public_task(task: TaskDefinition) -> dict[str, Any]:
-    """:func:`public_task_dict`, with component override paths shortened the same way."""
-    data = public_task_dict(task)
-    for key in _COMPONENT_FIELDS:
-        if data["model"].get(key):
-            data["model"][key] = public_name(data["model"][key])
-    return data
 
 
 def _copy_all(urls: list[str], model_dir: str, folder: str) -> list[str]:

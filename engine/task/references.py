@@ -20,7 +20,11 @@ What is looked at, and what is left to the run:
   images are not read: an image that does not decode is skipped at preparation, and
   "no usable image" is still found only then.
 * a dataset already prepared under ``prepared_in`` stands in for its source: the run
-  uses that copy, so a source gone since is not a problem.
+  uses that copy, so a source gone since is not a problem. Its address is the one
+  preparation computes (:func:`engine.data.prepared.subset_address`), never a copy of it.
+* a task with ``captioning`` needs no caption column: preparation adds an empty one when
+  the source has none (:func:`engine.data.prepared.keeps_uncaptioned`), and the caption
+  step fills it.
 """
 
 from __future__ import annotations
@@ -50,10 +54,13 @@ def check_references(task: TaskDefinition, *, prepared_in: str | None = None,
 
 def reference_problems(task: TaskDefinition, *, prepared_in: str | None = None) -> list[Problem]:
     """Every problem with the task's model and dataset references; [] when all can be had."""
+    from engine.data.prepared import keeps_uncaptioned
+
     problems = _model_problems(task)
+    captioned = keeps_uncaptioned(task)
     for where, args in subset_pointers(task):
         if not (prepared_in and _is_prepared(args, task, prepared_in)):
-            problems += _dataset_problems(args, where)
+            problems += _dataset_problems(args, where, needs_captions=not captioned)
     return problems
 
 
@@ -130,18 +137,19 @@ def _vae_reason(name: str) -> str | None:
 
 
 def _is_prepared(args: DatasetArgs, task: TaskDefinition, root: str) -> bool:
-    """True when a committed, intact copy of this source (with the subset's buckets, when
-    bucketing is on) is prepared under ``root``."""
-    from engine.data.identity import default_dataset_address
+    """True when a committed, intact copy of this source is prepared under ``root``, at the
+    very address preparation gives it (:func:`engine.data.prepared.subset_address`: the
+    subset's buckets, uncaptioned images kept for ``captioning``)."""
     from engine.data.layout import read_committed
-    from engine.data.prepared import resolved_dataset_args, subset_buckets
+    from engine.data.prepared import subset_address
 
-    address = default_dataset_address(resolved_dataset_args(args), root,
-                                      subset_buckets(args, task))
-    return read_committed(address) is not None
+    return read_committed(subset_address(args, task, root)) is not None
 
 
-def _dataset_problems(args: DatasetArgs, where: str = "/dataset") -> list[Problem]:
+def _dataset_problems(args: DatasetArgs, where: str = "/dataset", *,
+                      needs_captions: bool = True) -> list[Problem]:
+    """``needs_captions`` False (a task with ``captioning``): a source without the caption
+    column is no problem, as preparation adds an empty one for the caption step to fill."""
     if args.shards:
         return [Problem(f"{where}/shards/{i}", reason)
                 for i, reason in enumerate(map(_shard_reason, args.shards)) if reason]
@@ -170,7 +178,7 @@ def _dataset_problems(args: DatasetArgs, where: str = "/dataset") -> list[Proble
                                    f"dataset; its columns are: {', '.join(columns)}")
         for role, column in (("image_column", args.image_column),
                              ("caption_column", args.caption_column))
-        if column not in columns
+        if column not in columns and (needs_captions or role == "image_column")
     ]
 
 

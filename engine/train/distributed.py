@@ -32,6 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -72,6 +75,11 @@ class World:
 SINGLE = World()
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: Set by ``loraflow segment --nproc-per-node`` (flows/cli/launch.py) in each rank: the
+#: launcher's process id, watched by :func:`stop_when_orphaned`.
+LAUNCHER_PID_ENV = "LORAFLOW_LAUNCHER_PID"
+#: How often a rank looks whether its launcher still lives.
+ORPHAN_CHECK_SECONDS = 0.5
 _joined: World | None = None
 
 
@@ -114,8 +122,36 @@ def join_world(device: torch.device) -> World:
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(world.backend, rank=world.rank, world_size=world.size)
         log.info("rank %d of %d joined (%s)", world.rank, world.size, world.backend)
+        stop_when_orphaned()
     _joined = world
     return world
+
+
+def stop_when_orphaned(env: Mapping[str, str] | None = None,
+                       every: float = ORPHAN_CHECK_SECONDS) -> threading.Thread | None:
+    """Send this rank one SIGTERM when its launcher dies (kill -9, an OOM kill), so it
+    commits at the next step and exits like a stopped segment instead of training on.
+
+    Only for ranks started by loraflow's launcher (``LORAFLOW_LAUNCHER_PID``; torchrun
+    and accelerate look after their own). A watching thread, not ``PR_SET_PDEATHSIG``:
+    that fires once per exiting thread of the parent, and a second SIGTERM stops a
+    segment without committing. Returns the (daemon) thread, or None when not watched.
+    """
+    env = os.environ if env is None else env
+    text = env.get(LAUNCHER_PID_ENV, "")
+    if not text.isdigit():
+        return None
+    launcher = int(text)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(every)
+        log.warning("the launcher (process %d) is gone: stopping this rank", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="loraflow-orphan-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def leave_world() -> None:

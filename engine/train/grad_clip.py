@@ -8,6 +8,15 @@ launches a step on tiny-sd1's adapter. ``g * 1.0 == g`` bit for bit for every fl
 (a NaN norm gives a NaN coefficient, which is not 1.0, so NaNs still go through torch's
 multiply), so on a CPU, where reading the coefficient costs nothing, it is skipped.
 Elsewhere torch's own function runs unchanged.
+
+The norm itself, on a CPU, is torch's ``get_total_norm`` (the 2-norm of the per-weight
+2-norms) with the per-weight norms taken a size at a time: the gradients of one size laid
+as the rows of one matrix and normed along its rows, one kernel call instead of one per
+weight (~0.35 ms less a step on tiny-sd1's 64 tensors). A row's norm is the norm of that
+weight alone bit for bit (torch reduces each last-dim row with the same loop it uses for
+a whole 1-d tensor: checked on the default, AVX2 and AVX512 kernels, 1 to 4 threads, rows
+of 1 to 15 million numbers, ``tests/engine/train/test_grad_clip.py``), and the per-weight
+norms are then put back in the weights' order before the outer norm, as torch stacks them.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -24,8 +34,31 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or any(g.device.type != "cpu" for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    total = total_norm(grads)
     coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)  # torch's own
     if coefficient.item() != 1.0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm(grads, 2.0)``, same bits, fewer kernel calls on a CPU
+    (see above); anything but contiguous CPU gradients of one dtype goes to torch's own."""
+    if not grads:
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    first = grads[0]
+    if any(g.device.type != "cpu" or g.dtype != first.dtype or not g.is_contiguous()
+           for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    by_size: dict[int, list[int]] = {}
+    for index, g in enumerate(grads):
+        by_size.setdefault(g.numel(), []).append(index)
+    row_norms = torch.cat([
+        torch.linalg.vector_norm(
+            _flatten_dense_tensors([grads[i] for i in indices]).view(len(indices), size),
+            2.0, dim=1)
+        for size, indices in by_size.items()])
+    order = [i for indices in by_size.values() for i in indices]
+    per_weight = torch.empty_like(row_norms)
+    per_weight[torch.tensor(order)] = row_norms  # back in the weights' order
+    return torch.linalg.vector_norm(per_weight, 2.0)

@@ -43,7 +43,7 @@ def train(tr: Trainer, source: SampleSource, end: int, *, clock: SegmentClock,
     """Train from ``tr.global_step`` until a stop before ``end``; returns why it stopped."""
     start = tr.global_step
     batches = micro_batch_stream(source, tr.plan, start, end, workers, tr.world)
-    bar = progress_bar(progress, start, end)
+    bar = progress_bar(progress and tr.world.writes, start, end)  # several ranks: rank 0's
     log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
     try:
         while (stop := agreed_stop(tr.world, stop_reason(tr, end, clock, should_stop))) is None:

@@ -33,14 +33,20 @@ def sample_mask(data: Any, index: int, decision: Any, cache: Any | None,
     return crop_mask(mask, decision.crop, flip=decision.flip, factor=factor)
 
 
+def mask_weights(mask: torch.Tensor | None, floor: float | None,
+                 size: tuple[int, ...]) -> torch.Tensor:
+    """Loss weights [1, h, w] of one sample: from its latent-size ``mask`` and its subset's
+    ``mask_min_weight`` (``floor``), or 1 everywhere at latent ``size`` (h, w) without a
+    mask. Training (:func:`batch_weights`) and the validation loss both weigh so."""
+    if mask is None:
+        return torch.ones((1, *size), dtype=torch.float32)
+    return mask if not floor else floor + (1.0 - floor) * mask
+
+
 def batch_weights(samples: list[Any], data: Any) -> torch.Tensor:
     """Loss weights [B, 1, h, w] of a micro-batch's samples (each with ``mask``, ``noise``
     and ``ref``), from their masks and their subsets' ``mask_min_weight``."""
-    out = []
-    for s in samples:
-        floor = data.subset_settings(s.ref.index).mask_floor
-        if s.mask is None:
-            out.append(torch.ones((1, *s.noise.shape[1:]), dtype=torch.float32))
-            continue
-        out.append(s.mask if not floor else floor + (1.0 - floor) * s.mask)
-    return torch.stack(out)
+    return torch.stack([
+        mask_weights(s.mask, data.subset_settings(s.ref.index).mask_floor, s.noise.shape[1:])
+        for s in samples
+    ])

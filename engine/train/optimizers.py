@@ -1,8 +1,9 @@
 """The optimizers a task can pick, each built from its own options in the task.
 
-``train_args.optimizer.name`` picks one; AdamW (torch, ``foreach=False`` on a CPU, fused
-on CUDA) stays the default and is built on a CPU exactly as before, so a task that names
-none trains to the same bytes. The others come from well-kept libraries installed as
+``train_args.optimizer.name`` picks one; AdamW (torch, ``foreach=False`` on a CPU, stepped
+over concatenated weights with the same bits: flat_adamw.py; fused on CUDA) stays the
+default and is built on a CPU exactly as before, so a task that names none trains to the
+same bytes. The others come from well-kept libraries installed as
 extras: bitsandbytes (``loraflow[bnb]``), prodigyopt and schedulefree
 (``loraflow[optimizers]``); Adafactor is transformers' own. :func:`check_optimizer`
 refuses, before any model is loaded, an optimizer whose library is missing or that cannot
@@ -23,7 +24,7 @@ import torch
 
 from engine.task.definition import TaskDefinition
 from engine.task.validation import Problem, TaskValidationError
-from engine.train.foreach_steps import foreach_steps
+from engine.train.flat_adamw import flat_adamw
 
 #: optimizer name -> (module it needs, the extra that installs it)
 LIBRARIES: dict[str, tuple[str, str]] = {
@@ -40,9 +41,9 @@ def build_optimizer(task: TaskDefinition, groups: list[dict[str, Any]]) -> torch
     betas = (adam.beta1, adam.beta2)
     opts: Any = choice.options
     if choice.name == "adamw":
-        return foreach_steps(torch.optim.AdamW(  # same bits, less Python (foreach_steps.py)
+        return flat_adamw(  # on a CPU one pass over all weights, same bits (flat_adamw.py)
             groups, betas=betas, weight_decay=adam.weight_decay, eps=adam.epsilon,
-            **adamw_kernel(groups)))
+            **adamw_kernel(groups))
     if choice.name == "adamw8bit":
         import bitsandbytes as bnb
 

@@ -189,9 +189,23 @@ class Batch:
     masks: torch.Tensor | None = None
 
 
+def latent_eps(shape: torch.Size, seed: int, ref: SampleRef) -> torch.Tensor:
+    """The standard-normal draw that picks a sample's latent from its posterior."""
+    return torch.randn(shape, generator=generator(seed, "latent", ref.epoch, ref.key))
+
+
 def draw_latent(mean: torch.Tensor, std: torch.Tensor, seed: int, ref: SampleRef) -> torch.Tensor:
-    eps = torch.randn(mean.shape, generator=generator(seed, "latent", ref.epoch, ref.key))
-    return mean.float() + std.float() * eps
+    return mean.float() + std.float() * latent_eps(mean.shape, seed, ref)
+
+
+def draw_latents(means: list[torch.Tensor], stds: list[torch.Tensor], seed: int,
+                 refs: list[SampleRef], scale: float) -> torch.Tensor:
+    """:func:`draw_latent` of each sample times ``scale``, stacked: the draws one per sample
+    (their own generators), the arithmetic once on the stacked batch. Every element goes
+    through the same elementwise ops as alone, so the bits are those of stacking the
+    per-sample latents, in 4 calls instead of 4 per sample."""
+    eps = torch.stack([latent_eps(m.shape, seed, r) for m, r in zip(means, refs, strict=True)])
+    return (torch.stack(means).float() + torch.stack(stds).float() * eps) * scale
 
 
 def draw_noise(shape: torch.Size, seed: int, ref: SampleRef, num_timesteps: int,
@@ -285,7 +299,7 @@ class SampleSource:
     def batch(self, samples: list[PreparedSample]) -> Batch:
         base, seed, trains_text = self.base, self.settings.seed, self.settings.trains_text
         bucket = _one_bucket(samples)
-        latents, conds = [], []
+        means, stds, conds = [], [], []
         encoded: dict[str, dict[str, torch.Tensor]] = {}  # each caption once per batch
         with frozen():  # one call for what the cache lacked (engine/train/batched_encode.py)
             fresh = iter(self._vae_batcher.encode(
@@ -299,7 +313,8 @@ class SampleSource:
                 mean, std = s.posterior
             else:  # the draw below makes a plain tensor of it
                 mean, std = next(fresh)
-            latents.append(draw_latent(mean, std, seed, s.ref) * base.vae_scaling_factor)
+            means.append(mean)
+            stds.append(std)
             if trains_text:
                 continue
             if s.conditioning is not None:
@@ -332,7 +347,8 @@ class SampleSource:
                 dtype=torch.float32,
             ).to(device)
         return Batch(
-            latents=to_device(torch.stack(latents), device),
+            latents=to_device(draw_latents(means, stds, seed, [s.ref for s in samples],
+                                           base.vae_scaling_factor), device),
             noise=to_device(torch.stack([s.noise for s in samples]), device),
             timesteps=to_device(torch.cat([s.timestep for s in samples]), device),
             conditioning=conditioning,

@@ -3,8 +3,11 @@
 For reviewing captions before training: the summary says what was made, found in the
 cache, kept or left uncaptioned (and why); each captioned dataset has its editable
 ``metadata.jsonl``, and ``--output DIR`` copies images and captions into DIR as an image
-folder to edit and name as the task's ``dataset.name``. ``loraflow run`` captions the
-same way, and finds these captions in the cache. Never imports Prefect.
+folder to edit and name as the task's ``dataset.name``. It captions through the call the
+flow's caption step and ``loraflow segment`` make (``caption_manifests`` in
+:mod:`engine.data.prepared`), so with the same ``--data-dir`` all three share one caption
+cache (``captions/`` in it): a later ``loraflow run`` asks the backend for nothing this
+command had answered, and the reverse. Never imports Prefect.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from flows.cli.train import add_overrides, add_quiet, load_task
 def cmd_caption(args: argparse.Namespace) -> int:
     from engine.caption.backend import CaptionError
     from engine.caption.metadata import export_imagefolder
-    from engine.caption.subsets import caption_subsets
-    from engine.data.prepared import prepare_subsets
+    from engine.data.prepared import caption_manifests, prepare_subsets
 
     task = load_task(args.task, args.overrides)
     if task.captioning is None:
@@ -33,8 +35,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     say("preparing the dataset")
     manifests = prepare_subsets(task, args.data_dir, progress=not args.quiet)
     say(f"captioning with {task.captioning.backend} model {task.captioning.model}")
-    _, summary = caption_subsets(
-        task, manifests, args.captions_dir,
+    _, summary = caption_manifests(
+        task, manifests, args.data_dir,
         progress=lambda done, total: say(f"  captioned {done}/{total}"),
     )
     for line in summary.lines():
@@ -66,6 +68,5 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--output", help="also copy images and metadata.jsonl into this folder "
                                     "(an image folder to review, edit and train from)")
     p.add_argument("--data-dir",
-                   help="where prepared datasets are kept (default: $LORAFLOW_HOME/datasets)")
-    p.add_argument("--captions-dir",
-                   help="the caption cache (default: $LORAFLOW_HOME/captions; may be s3://)")
+                   help="where prepared datasets and the caption cache (captions/ in it) "
+                        "are kept, as for run and segment (default: $LORAFLOW_HOME/datasets)")

@@ -1,21 +1,48 @@
 """``loraflow segment --nproc-per-node N``: one segment trained by N processes here.
 
-The command starts torchrun (``torch.distributed.run``, standalone: one machine, a free
-port) with N copies of the same ``loraflow segment`` command line, less the
-``--nproc-per-node`` option. Each copy reads its rank from torchrun's environment and
-trains its share of every step (:mod:`engine.train.distributed`); rank 0 alone writes
-the checkpoint and prints the summary. ``torchrun`` or ``accelerate launch`` can start
-the same command directly (docs/distributed.md).
+The launcher starts N copies of the same ``loraflow segment`` command line, less the
+``--nproc-per-node`` option, each with torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` on localhost): each copy trains its
+share of every step (:mod:`engine.train.distributed`); rank 0 alone writes the
+checkpoint and prints the summary. ``torchrun`` or ``accelerate launch`` can start the
+same command directly (docs/distributed.md).
 
-The task is validated here first, so bad input is refused once, before any process
-starts. The exit code is the one the ranks exit with (all stop together, so they agree).
+It starts them itself rather than through ``torch.distributed.run`` because a segment
+must end on a signal the way a single process does, and torchrun's agent does not: it
+turns SIGTERM/SIGINT into an exception that loses the ranks' exit codes (a signal
+landing after the ranks finished still reported "stopped by signal"), SIGKILLs ranks
+still committing 30 s later, and leaves its ranks training on as orphans when it is
+killed -9 itself (all three seen in tests/flows/test_cli_launch.py). Here:
+
+- **A signal** (SIGTERM, SIGINT) to the launcher is passed on once to every rank, each
+  in its own session (so a terminal's Ctrl-C reaches them only through the launcher,
+  never twice); they agree on the stop, rank 0 commits, all exit 5. A second signal is
+  passed on too: the ranks then stop at once, as a single process does. The launcher
+  never kills a rank that is stopping: whoever sent the signal decides how long to wait.
+- **The launcher dying** (kill -9): each rank sees it has lost its parent and sends
+  itself one SIGTERM (:func:`engine.train.distributed.stop_when_orphaned`): they commit
+  at the next step and exit; no orphan trains on. (Not ``PR_SET_PDEATHSIG``: it fires
+  once per exiting thread of a multi-threaded parent, and a second SIGTERM makes a rank
+  stop without committing; seen in the test.)
+- **A rank failing** (any exit but 0 and 5) leaves the others waiting at a collective:
+  they are sent SIGTERM, then killed :data:`FAILURE_GRACE_SECONDS` later.
+- **The exit code** is the first failing rank's (a rank killed by a signal: 1), else
+  rank 0's: 5 only when the ranks did stop on the signal, 0 when they had finished.
+
+The task is validated here first, and its model and dataset made ready
+(:func:`prepare_shared_inputs`), so bad input is refused once, before any process starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -27,6 +54,15 @@ log = logging.getLogger(__name__)
 #: machine shares): the ranks' time box counts the launcher's start-up too.
 STARTED_AT_ENV = "LORAFLOW_SEGMENT_STARTED_AT"
 OPTION = "--nproc-per-node"
+#: A rank's exit codes that are no failure: the segment's end, and its signal stop.
+RANK_DONE = (ExitCode.OK, ExitCode.INTERRUPTED)
+#: How long ranks get to exit after another rank failed, before they are killed (they
+#: wait at a collective that can no longer complete; nothing is left to commit).
+FAILURE_GRACE_SECONDS = 10.0
+#: How often the launcher looks at its ranks (signals are handled at once regardless).
+POLL_SECONDS = 0.1
+#: What the launcher passes on to its ranks (a segment's stop signals).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def positive_int(text: str) -> int:
@@ -39,8 +75,8 @@ def positive_int(text: str) -> int:
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(OPTION, type=positive_int, default=1, metavar="N",
                         help="train the segment with N processes on this machine (one per "
-                             "GPU; gloo on CPU), launched through torchrun; the task's batch "
-                             "is the global batch, split among them")
+                             "GPU; gloo on CPU), each given torchrun's environment; the task's "
+                             "batch is the global batch, split among them")
 
 
 def launch_wanted(args: argparse.Namespace) -> bool:
@@ -72,33 +108,139 @@ def started_at(default: float) -> float:
     return value if value <= time.monotonic() else default
 
 
-def launch_segment(args: argparse.Namespace, started: float) -> int:
-    """Run ``args``' segment command in ``args.nproc_per_node`` processes; their exit code."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+# -- the ranks ------------------------------------------------------------------------
 
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for rank 0's rendezvous store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environment(rank: int, size: int, port: int, started: float) -> dict[str, str]:
+    """This process's environment plus the world torchrun would give rank ``rank``.
+
+    One compute thread per rank unless ``OMP_NUM_THREADS`` is set, as torchrun does (N
+    ranks share the cores; the thread count is part of the bits on a CPU). The
+    launcher's id lets each rank stop when the launcher dies
+    (:func:`engine.train.distributed.stop_when_orphaned`).
+    """
+    from engine.train.distributed import LAUNCHER_PID_ENV
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault(STARTED_AT_ENV, repr(started))
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
+               LOCAL_WORLD_SIZE=str(size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), **{LAUNCHER_PID_ENV: str(os.getpid())})
+    return env
+
+
+class Ranks:
+    """The running rank processes: started, signalled, waited for, stopped on a failure."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen] = []
+        self.signalled = 0
+        self.first_failure: int | None = None  # the rank that failed first, on its own
+
+    def start(self, argv: list[str], size: int, started: float) -> None:
+        port = free_port()
+        command = [sys.executable, "-u", "-m", "flows.cli", *argv]
+        for rank in range(size):
+            self.processes.append(subprocess.Popen(
+                command, env=rank_environment(rank, size, port, started),
+                start_new_session=True))
+
+    def pass_on(self, signum: int, frame: Any) -> None:
+        """The launcher's SIGTERM/SIGINT handler: the same signal to every live rank."""
+        self.signalled += 1
+        log.warning("signal %d: passed on to the %d ranks (they commit at the next step)",
+                    signum, len(self.processes))
+        for process in self.processes:
+            self._send(process, signum)
+
+    def wait(self) -> list[int]:
+        """Wait until every rank has exited; their exit codes, by rank."""
+        while (codes := [p.poll() for p in self.processes]).count(None):
+            failed = [r for r, c in enumerate(codes) if c not in (None, *RANK_DONE)]
+            if failed and self.first_failure is None:
+                self.first_failure = failed[0]
+                self._stop_after_failure(failed[0], codes[failed[0]])
+            time.sleep(POLL_SECONDS)
+        return codes
+
+    def _stop_after_failure(self, rank: int, code: int | None) -> None:
+        log.warning("rank %d exited with %s: stopping the others", rank, code)
+        for process in self.processes:
+            self._send(process, signal.SIGTERM)
+        deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.poll() is None:
+                log.warning("rank process %d did not stop: killed", process.pid)
+                process.kill()
+
+    @staticmethod
+    def _send(process: subprocess.Popen, signum: int) -> None:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    def kill_all(self) -> None:
+        """Kill what still runs (the launcher itself is failing: no rank may outlive it)."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def exit_code(codes: list[int], first_failure: int | None) -> int:
+    """The segment's exit code from its ranks' (see the module docstring)."""
+    code = codes[first_failure] if first_failure is not None else codes[0]
+    return code if code >= 0 else ExitCode.FAILED  # negative: killed by a signal
+
+
+def prepare_shared_inputs(task: Any, data_dir: str | None) -> None:
+    """Build here, once, what every rank would otherwise build at the same moment in the
+    same place: an embedded model, the prepared (captioned, class) dataset.
+
+    Ranks that did it together collided (seen on a fresh ``LORAFLOW_HOME``: one rank's
+    half-written dataset file moved under the other's feet, a model folder read while the
+    other built it). The ranks then find both ready, as a second segment does. A problem
+    with the data is reported here, once, before any process starts.
+    """
+    from engine.data.prepared import load_dataset_for_task
+    from engine.model.loading import resolve_model_location
+
+    resolve_model_location(task.model)
+    load_dataset_for_task(task, data_dir)
+
+
+def launch_segment(args: argparse.Namespace, started: float, task: Any = None) -> int:
+    """Run ``args``' segment command in ``args.nproc_per_node`` processes; its exit code.
+
+    ``task`` (the validated task): its model and dataset are made ready first.
+    """
     nproc = args.nproc_per_node
-    config = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={nproc}", "--module", "flows.cli",
-        *child_argv(args.argv),
-    ])
-    os.environ.setdefault(STARTED_AT_ENV, repr(started))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    log.info("launching %d processes for this segment (torchrun, standalone)", nproc)
+    if task is not None:
+        prepare_shared_inputs(task, args.data_dir)
+    ranks = Ranks()
+    previous = {sig: signal.signal(sig, ranks.pass_on) for sig in STOP_SIGNALS}
+    log.info("launching %d processes for this segment", nproc)
     try:
-        run(config)
-    except ChildFailedError as exc:
-        return _exit_code(exc)
-    except SignalException as exc:  # the ranks were sent the signal and stopped
-        log.warning("stopped by signal %s", exc.sigval)
-        return ExitCode.INTERRUPTED
-    return ExitCode.OK
-
-
-def _exit_code(exc: Any) -> int:
-    """Rank 0's exit code when it failed, else the first failure's."""
-    failures = exc.failures
-    failure = failures.get(0) or exc.get_first_failure()[1]
-    code = int(failure.exitcode)
-    return code if code > 0 else ExitCode.FAILED  # negative: killed by a signal
+        ranks.start(child_argv(args.argv), nproc, started)
+        codes = ranks.wait()
+    except BaseException:
+        ranks.kill_all()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = exit_code(codes, ranks.first_failure)
+    if ranks.signalled and code == ExitCode.INTERRUPTED:
+        log.warning("stopped by signal: the ranks committed at the same step")
+    return code

@@ -127,7 +127,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     with phase("reference checks"):
         check_references(task, args.task, prepared_in=args.data_dir or default_data_root())
     if launch.launch_wanted(args):  # --nproc-per-node N: N ranks run this command
-        return launch.launch_segment(args, STARTED_AT)
+        return launch.launch_segment(args, STARTED_AT, task)
     from engine.train.distributed import current_world, leave_world, world_from_env
     if not args.verbose:
         from engine.logs import silence_progress_bars

@@ -32,8 +32,7 @@ def task_file(tmp_path: Path, **changes) -> Path:
 
 
 def run(tmp_path: Path, *argv: str, capsys) -> tuple[int, str, str]:
-    code = main(["caption", *argv, "--data-dir", str(tmp_path / "data"),
-                 "--captions-dir", str(tmp_path / "captions"), "-q"])
+    code = main(["caption", *argv, "--data-dir", str(tmp_path / "data"), "-q"])
     out = capsys.readouterr()
     return code, out.out, out.err
 

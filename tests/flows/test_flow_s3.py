@@ -73,7 +73,7 @@ def test_loraflow_run_publishes_on_s3(
     assert [json.loads(line)["global_step"] for line in metrics] == [1, 2, 3, 4, 5, 6]
     assert storage.list_dirs(cache), "the latent / caption cache lives on S3 too"
     summary = json.loads(storage.read_bytes(f"{out}/lora/run_summary.json"))
-    assert summary["checkpoint"] == final
+    assert summary["checkpoint"] == "segments/0002/checkpoint"  # published: relative to out
 
 
 def test_two_workers_take_turns_through_s3(

@@ -1,7 +1,7 @@
 """Data parallel inside a segment (engine/train/distributed.py), on CPU with gloo.
 
 The collectives run in two real gloo processes (tests/support/distributed.py). The
-segment tests launch ``loraflow segment --nproc-per-node 2`` (torchrun) for real and
+segment tests launch ``loraflow segment --nproc-per-node 2`` for real and
 compare with one process: two runs with two processes are identical bit for bit, a
 checkpoint moves between world sizes, the two agree up to the order of float additions,
 and the time box stops both ranks at the same step. Every subprocess has a timeout.

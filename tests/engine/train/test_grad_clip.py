@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.train.grad_clip import clip_gradients
+from engine.train.grad_clip import clip_gradients, total_norm
 
 SHAPES = [(4, 320), (320, 4), (8,), (4, 64)] * 8
 
@@ -52,3 +52,31 @@ def test_a_nan_gradient_still_goes_through_torchs_multiply() -> None:
 
 def test_no_gradients_gives_a_zero_norm() -> None:
     assert float(clip_gradients([torch.nn.Parameter(torch.ones(3))], 1.0)) == 0.0
+
+
+#: a LoRA's mix: many weights per size, sizes from 1 to above torch's parallel grain
+NORM_SHAPES = [(4, 32), (32, 4), (4, 64), (64, 4), (1,), (3, 7), (4, 320), (320, 4),
+               (40_000,), (8, 1280)] * 4
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_size_at_a_time_norm_is_torchs_total_norm_bit_for_bit(seed: int,
+                                                                  threads: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(s, generator=g) * 10.0 ** int(torch.randint(-8, 4, (1,), generator=g))
+             for s in NORM_SHAPES]
+    grads[3].zero_()  # a weight whose gradient is exactly zero
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(total_norm(grads), torch.nn.utils.get_total_norm(grads, 2.0))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_gradients_take_torchs_own_norm() -> None:
+    conv = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)  # not contiguous
+    mixed = [torch.randn(8), torch.randn(8, dtype=torch.float64)]
+    for grads in ([conv, torch.randn(5)], mixed, []):
+        assert torch.equal(total_norm(grads), torch.nn.utils.get_total_norm(grads, 2.0))
