@@ -10,7 +10,12 @@ alone on the same micro-batch, so nothing is timed by a copy of the step's code.
 The two are timed *interleaved*, one step then one UNet pass, each repeat on a fresh
 trainer: on a shared machine the load drifts over seconds, and two medians taken a few
 seconds apart differed by more than the overhead itself (measured: -6% to +9% for the
-same code). Each repeat gives its own share; the row reports their median.
+same code). The share is taken *per pair*, (step - its UNet pass) / step, and the row
+reports the median over every pair of every repeat: on a 2-vCPU VM the very same UNet
+pass took 28 to 51 ms within one minute (p10 30, p90 45), in stretches of a few passes,
+so the difference of two medians over 20 steps still moved by several percent between
+repeats, while a pair, ~80 ms long, sees the same stretch. Each repeat's own median
+share is kept for the spread.
 """
 
 from __future__ import annotations
@@ -49,14 +54,14 @@ def unet_pass_seconds(trainer: Trainer, batch: Batch) -> float:
 
 
 def interleaved_repeat(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
-                       settings: BenchSettings) -> tuple[float, float]:
-    """(median step seconds, median UNet seconds per step) of one fresh trainer, a step
-    and the UNet alone timed in turn."""
+                       settings: BenchSettings) -> list[tuple[float, float]]:
+    """(step seconds, seconds of the UNet passes right after it) of each timed step of one
+    fresh trainer, a step and the UNet alone timed in turn."""
     warmup, count = max(settings.warmup, 1), settings.steps
     accumulation = task.train_args.gradient_accumulation_steps
+    pairs = []
     with trainer_for(base, task, dataset, cache, warmup + count) as (trainer, batches, source):
         batch = source.batch(source.prepare(trainer.plan.micro_batches(0)[0]))
-        steps, unet = [], []
         for k in range(warmup + count):
             synchronize(base.device)
             t0 = time.perf_counter()
@@ -65,25 +70,26 @@ def interleaved_repeat(base: BaseModel, task: TaskDefinition, dataset: Any, cach
             step = time.perf_counter() - t0
             passes = sum(unet_pass_seconds(trainer, batch) for _ in range(accumulation))
             if k >= warmup:
-                steps.append(step)
-                unet.append(passes)
-    return statistics.median(steps), statistics.median(unet)
+                pairs.append((step, passes))
+    return pairs
 
 
 def measure_overhead(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
                      settings: BenchSettings, training_step_seconds: float | None = None,
                      ) -> dict[str, Any]:
-    """The step's non-UNet share: medians over ``settings.repeats`` interleaved repeats.
+    """The step's non-UNet share: the median over the pairs of ``settings.repeats``
+    interleaved repeats (see the module docstring).
 
     ``training_step_seconds`` (the throughput row's median, timed apart) is kept beside
     it for reference; the share is computed from the interleaved times only.
     """
     repeats = [interleaved_repeat(base, task, dataset, cache, settings)
                for _ in range(max(settings.repeats, 1))]
-    shares = [(step - unet) / step for step, unet in repeats]
-    step = statistics.median(s for s, _ in repeats)
-    unet = statistics.median(u for _, u in repeats)
-    return {"step_seconds": step, "unet_forward_backward_seconds": unet,
-            "overhead_seconds": step - unet, "overhead_fraction": statistics.median(shares),
-            "overhead_fraction_per_repeat": shares,
-            "training_step_seconds": training_step_seconds}
+    pairs = [pair for repeat in repeats for pair in repeat]
+    return {"step_seconds": statistics.median(s for s, _ in pairs),
+            "unet_forward_backward_seconds": statistics.median(u for _, u in pairs),
+            "overhead_seconds": statistics.median(s - u for s, u in pairs),
+            "overhead_fraction": statistics.median((s - u) / s for s, u in pairs),
+            "overhead_fraction_per_repeat": [statistics.median((s - u) / s for s, u in repeat)
+                                             for repeat in repeats],
+            "pairs": len(pairs), "training_step_seconds": training_step_seconds}

@@ -9,8 +9,8 @@ from typing import Any
 
 
 def overhead_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One row per batch size: step, UNet forward + backward, what is left, its share
-    (median of the interleaved repeats) and the spread of the repeats' shares."""
+    """One row per batch size: step, UNet forward + backward (medians), what is left and its
+    share (medians over the interleaved pairs), and the spread of the repeats' shares."""
     lines = [
         "| overhead (not UNet compute) | step ms | UNet fwd+bwd ms | overhead ms | share "
         "| repeats' shares |",

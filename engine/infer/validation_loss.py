@@ -42,6 +42,7 @@ from engine.task.definition import TaskDefinition
 from engine.train.bucket_sides import vae_factor
 from engine.train.loss import per_sample_loss, target_for
 from engine.train.loss_masks import mask_weights, sample_mask
+from engine.train.noising import NoiseTables
 from engine.train.seeding import generator
 
 #: Timesteps per example, evenly spaced over the scheduler's range (mid-points).
@@ -135,8 +136,8 @@ def validation_loss(base: BaseModel, prediction_type: str, held_out: HeldOutSet,
     One example and timestep per UNet call (batch 1), so the value never depends on how
     the work is batched. Returns ``{"loss", "per_timestep"}`` (plain floats).
     """
-    scheduler = base.noise_scheduler
-    timesteps = loss_timesteps(int(scheduler.config.num_train_timesteps))
+    noising = NoiseTables(base.noise_scheduler)  # the training step's own noising
+    timesteps = loss_timesteps(int(base.noise_scheduler.config.num_train_timesteps))
     device, scale, factor = base.device, base.vae_scaling_factor, vae_factor(base)
     sums = [0.0] * len(timesteps)
     for i, example in enumerate(held_out.examples):
@@ -155,11 +156,11 @@ def validation_loss(base: BaseModel, prediction_type: str, held_out: HeldOutSet,
             noise = torch.randn(latents.shape, generator=generator(seed, "validation_loss", i, k))
             noise = noise.to(device)
             t = torch.tensor([step], device=device)
-            noisy = scheduler.add_noise(latents, noise, t)
+            noisy = noising.add_noise(latents, noise, t)
             with autocast(device, base.dtype):
                 extra = unet_extra_inputs(base.family, conditioning, time_ids)
                 prediction = base.unet(noisy, t, **extra).sample
-            target = target_for(scheduler, prediction_type, latents, noise, t)
+            target = target_for(noising, prediction_type, latents, noise, t)
             sums[k] += float(per_sample_loss(prediction, target, None, masks)[0])
     n = max(len(held_out.examples), 1)
     per_timestep = [s / n for s in sums]

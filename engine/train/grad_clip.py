@@ -23,6 +23,7 @@ the weights' order before the outer norm, as torch stacks them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -33,7 +34,7 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     before clipping, as ``clip_grad_norm_`` does (same value, same clipped bits)."""
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or any(g.device.type != "cpu" for g in grads):
+    if not grads or any(not g.is_cpu for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     total = total_norm(grads)
     coefficient = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)  # torch's own
@@ -48,18 +49,25 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.nn.utils.get_total_norm(grads, 2.0)
     first = grads[0]
-    if any(g.device.type != "cpu" or g.dtype != first.dtype or not g.is_contiguous()
-           for g in grads):
+    if any(not g.is_cpu or g.dtype != first.dtype or not g.is_contiguous() for g in grads):
         return torch.nn.utils.get_total_norm(grads, 2.0)
-    by_size: dict[int, list[int]] = {}
-    for index, g in enumerate(grads):
-        by_size.setdefault(g.numel(), []).append(index)
+    groups, back = _by_size(tuple(g.numel() for g in grads))
     row_norms = torch.cat([
         torch.linalg.vector_norm(
             _flatten_dense_tensors([grads[i] for i in indices]).view(len(indices), size),
             2.0, dim=1)
-        for size, indices in by_size.items()])
+        for size, indices in groups])
+    return torch.linalg.vector_norm(row_norms[back], 2.0)  # in the weights' order
+
+
+@lru_cache(maxsize=8)
+def _by_size(sizes: tuple[int, ...]) -> tuple[list[tuple[int, list[int]]], torch.Tensor]:
+    """(each size with the positions of the weights of that size; where each weight's norm
+    lands among the sizes' row norms): the same few layouts every step, worked out once."""
+    by_size: dict[int, list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
     order = [i for indices in by_size.values() for i in indices]
-    per_weight = torch.empty_like(row_norms)
-    per_weight[torch.tensor(order)] = row_norms  # back in the weights' order
-    return torch.linalg.vector_norm(per_weight, 2.0)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return list(by_size.items()), back

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.train.noising import NoiseTables
+
 
 def snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
@@ -27,13 +29,13 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return clipped / snr_values
 
 
-def target_for(noise_scheduler: Any, prediction_type: str, latents: torch.Tensor,
+def target_for(noising: NoiseTables, prediction_type: str, latents: torch.Tensor,
                noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to predict: the noise (epsilon) or the velocity (v)."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noising.velocity(latents, noise, timesteps)
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 

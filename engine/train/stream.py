@@ -5,6 +5,12 @@ as :class:`~engine.train.plan.TrainingPlan` lays them out), turned into CPU tens
 :meth:`SampleSource.prepare`. With ``dataloader_num_workers`` > 0 a torch DataLoader
 prepares ahead in worker processes; the order, and so every bit, is the same.
 
+Without workers the micro-batches are laid out as they are consumed, a step at a time:
+the step has just asked the plan for the same epoch (:func:`engine.train.trainer.train_step`
+counts its samples), so the epoch's shuffle is computed once, not again from a list made
+for the whole segment up front (which evicted it from the plan's cache on short epochs,
+~20 µs a step, and held every ref of a long segment in memory).
+
 A worker hands its samples over as numpy arrays, not tensors (:func:`_to_wire`): torch
 sends each tensor through its own shared-memory segment with a socket round trip, ~40 per
 micro-batch here, which cost more than preparing the batch (measured by
@@ -58,14 +64,22 @@ def micro_batch_stream(source: SampleSource, plan: TrainingPlan, start: int, end
 
     Close the stream (``.close()``) when training stops: it stops the workers.
     """
-    dataset = _MicroBatches(source, plan, start, end, world)
     if workers == 0:
-        return (dataset[k] for k in range(len(dataset)))  # a generator: has close()
+        return _in_process(source, plan, start, end, world)  # a generator: has close()
+    dataset = _MicroBatches(source, plan, start, end, world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_as_is, persistent_workers=False,
     )
     return _closing(iter(loader))
+
+
+def _in_process(source: SampleSource, plan: TrainingPlan, start: int, end: int,
+                world: World) -> Iterator[list[PreparedSample]]:
+    """The stream's micro-batches prepared here, each step's laid out when it is reached."""
+    for step in range(start, end):
+        for micro_batch in plan.micro_batches(step):
+            yield source.prepare(share(micro_batch, world))
 
 
 def _as_is(item: Any) -> Any:

@@ -30,6 +30,7 @@ from engine.train.full_finetune import (
 from engine.train.grad_clip import clip_gradients
 from engine.train.loss import loss_weights, per_sample_loss, target_for
 from engine.train.new_token_state import new_token_groups
+from engine.train.noising import NoiseTables
 from engine.train.optimizers import build_optimizer, enter_step, leave_step
 from engine.train.plan import TrainingPlan
 from engine.train.samples import Batch, PreparedSample, SampleSource
@@ -47,6 +48,7 @@ class Trainer:
     prediction_type: str
     snr_gamma: float | None
     max_grad_norm: float
+    noising: NoiseTables  # the scheduler's add_noise and velocity, from tables (noising.py)
     global_step: int = 0
     ema: Ema | None = None  # the average of ``params`` (train_args.ema), None when not asked
     full: bool = False  # training_type "full": params are every weight, not a LoRA
@@ -102,7 +104,8 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
         base=base, plan=plan, adapted=adapted, params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, scaler=scaler,
         prediction_type=ta.prediction_type or base.noise_scheduler.config.prediction_type,
-        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm, ema=ema_of(task, params),
+        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm,
+        noising=NoiseTables(base.noise_scheduler), ema=ema_of(task, params),
         full=full,
     )
 
@@ -110,14 +113,14 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
 def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
     """The summed per-sample diffusion loss of one micro-batch (fp32), each sample's
     scaled by its subset's loss weight."""
-    scheduler = tr.base.noise_scheduler
-    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    noisy = tr.noising.add_noise(batch.latents, batch.noise, batch.timesteps)
     with tr.autocast():
         extra = unet_extra_inputs(tr.base.family, batch.conditioning, batch.time_ids)
         prediction = tr.base.unet(noisy, batch.timesteps, **extra).sample
-    target = target_for(scheduler, tr.prediction_type, batch.latents, batch.noise,
+    target = target_for(tr.noising, tr.prediction_type, batch.latents, batch.noise,
                         batch.timesteps)
-    weights = loss_weights(scheduler, batch.timesteps, tr.snr_gamma, tr.prediction_type)
+    weights = loss_weights(tr.base.noise_scheduler, batch.timesteps, tr.snr_gamma,
+                           tr.prediction_type)
     losses = per_sample_loss(prediction, target, weights, batch.masks)
     if batch.sample_weights is not None:  # subsets' loss_weight; None keeps the old bits
         losses = losses * batch.sample_weights
@@ -137,14 +140,17 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     n_samples = sum(len(r) for r in refs)
     # summed on the device in fp64, read once per step: the same number as adding each
     # micro-batch's loss.item() as Python floats, without a host sync per micro-batch
-    loss_total = torch.zeros((), dtype=torch.float64, device=tr.base.device)
+    loss_total = None
     enter_step(tr.optimizer)
     for _ in refs:
         if not (mine := next(micro_batches)):  # this rank's share of it is empty
             continue
         loss = micro_batch_loss(tr, source.batch(mine)) / n_samples
         (tr.scaler.scale(loss) if tr.scaler else loss).backward()
-        loss_total += loss.detach().double()
+        part = loss.detach().double()
+        loss_total = part if loss_total is None else loss_total + part
+    if loss_total is None:  # no sample of this step is this rank's
+        loss_total = torch.zeros((), dtype=torch.float64, device=tr.base.device)
     loss_total = sum_gradients(tr.params.values(), loss_total, tr.world)  # over the ranks
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)

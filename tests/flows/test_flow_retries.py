@@ -55,14 +55,48 @@ def test_failed_segment_is_retried_from_its_input_checkpoint(
     assert checkpoint_bytes(summary["checkpoint"]) == reference_run
 
 
+#: The flow in its own process. Segment 1 holds after its first step (it writes
+#: HOLDING_FILE, then waits for a kill that never lets it commit), so the test kills it
+#: mid-segment whatever the machine's speed.
 FLOW_IN_SUBPROCESS = """
-import json, sys
+import dataclasses, json, sys, threading
+from pathlib import Path
+import tasks.segment
 from engine.task.validation import validate_document
 from flows.finetune import finetune
 
+real_run_segment = tasks.segment.run_segment
+
+def run_segment(task, output_dir, opts):
+    if Path(output_dir).name != "0001":
+        return real_run_segment(task, output_dir, opts)
+    production = opts.on_step
+
+    def on_step(report):
+        production(report)
+        (Path(output_dir) / "holding").write_text(str(report.global_step))
+        threading.Event().wait()  # until SIGKILL
+
+    return real_run_segment(task, output_dir, dataclasses.replace(opts, on_step=on_step))
+
+tasks.segment.run_segment = run_segment
 task = validate_document(json.loads(sys.argv[1]))
 finetune.with_options(flow_run_name=sys.argv[2])(task=task, output_dir=sys.argv[3])
 """
+HOLDING_FILE = "holding"
+
+
+def _segment_running(flow_run_name: str, segment: str) -> bool:
+    """The API records ``segment``'s task run of the named flow run as Running (the state
+    reaches the server asynchronously, after the segment's own first files)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+    return any(r.name == segment and r.state is not None and r.state.name == "Running"
+               for run in runs for r in task_runs(run.id))
 
 
 def _files(folder: Path) -> dict[str, tuple[int, bytes]]:

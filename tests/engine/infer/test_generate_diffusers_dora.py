@@ -24,4 +24,4 @@ def test_generate_loads_a_diffusers_dora_file_with_its_text_encoder_magnitudes(
         torch.testing.assert_close(text_output(getattr(pipe, name)), text_output(encoder),
                                    rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(unet_output(pipe.unet), unet_output(adapter["adapted"].unet),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)  # two load paths: 1.4e-6 on an AMD EPYC

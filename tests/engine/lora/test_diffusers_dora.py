@@ -54,7 +54,7 @@ def test_pipeline_gets_every_text_encoder_and_the_unet_as_trained(dora: dict[str
         torch.testing.assert_close(text_output(getattr(pipe, name)), expected,
                                    rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(unet_output(pipe.unet), unet_output(dora["adapted"].unet),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)  # two load paths: 1.4e-6 on an AMD EPYC
 
 
 def test_magnitude_of_another_shape_is_refused_naming_the_layer(dora: dict[str, Any]) -> None:
@@ -88,4 +88,4 @@ def test_final_validation_loads_the_trained_dora_text_encoder(tmp_path: Path) ->
     assert not torch.allclose(base_output, expected, atol=1e-3)
     assert torch.equal(text_output(pipe.text_encoder), expected)
     torch.testing.assert_close(unet_output(pipe.unet), unet_output(trained["unet"]),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)  # two load paths: 1.4e-6 on an AMD EPYC
