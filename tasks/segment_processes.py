@@ -1,12 +1,12 @@
 """A segment trained by several processes, started from the Prefect segment task.
 
 With ``processes_per_segment`` N > 1 the segment task does not train in its own process:
-it runs ``loraflow segment ... --nproc-per-node N`` (:mod:`flows.cli.launch`, torchrun)
-as a child, so a multi-GPU worker trains one segment on all its GPUs through the very
-code path a person uses at the terminal. The child gets the same input checkpoint,
-output folder, budget and data / cache roots as the in-process path, and hands back its
-result the way the CLI always does: one JSON line on stdout (rank 0's
-``SegmentResult``), never parsed from log lines.
+it runs ``loraflow segment ... --nproc-per-node N`` (:mod:`flows.cli.launch`, loraflow's
+own launcher, not torchrun) as a child, so a multi-GPU worker trains one segment on all
+its GPUs through the very code path a person uses at the terminal. The child gets the
+same input checkpoint, output folder, budget and data / cache roots as the in-process
+path, and hands back its result the way the CLI always does: one JSON line on stdout
+(rank 0's ``SegmentResult``), never parsed from log lines.
 
 What the in-process path guarantees still holds:
 
@@ -50,8 +50,8 @@ from engine.store.storage import StorageError
 from engine.train.options import SegmentResult
 from flows.cli.launch import STARTED_AT_ENV
 
-#: How long the ranks get to commit and exit after SIGTERM before they are killed
-#: (torchrun itself kills ranks 30 s after passing the signal on).
+#: How long the ranks get to commit and exit after SIGTERM before they are killed (the
+#: launcher passes the signal on and never kills a stopping rank itself: this task decides).
 STOP_GRACE_SECONDS = 60.0
 #: How often the wait wakes up, so Prefect's timeout and signals land promptly.
 POLL_SECONDS = 0.5

@@ -28,12 +28,39 @@ def check_columns(dataset: Any, args: DatasetArgs) -> None:
             )
 
 
-def with_caption_column(dataset: Any, column: str) -> Any:
-    """``dataset`` with an all-empty caption ``column`` when it has none (an image folder
-    without ``metadata.jsonl``), for a task that captions its images (``captioning``)."""
-    if column in dataset.column_names:
+def with_caption_column(dataset: Any, column: str, *, image_column: str,
+                        mask_column: str | None = None) -> Any:
+    """``dataset`` with an all-empty caption ``column`` for a task that captions its images
+    (``captioning``), when it has no caption column at all: no column but its images
+    (``image_column``) and masks (``mask_column``), as an image folder without
+    ``metadata.jsonl`` (the class labels it infers from subfolders are no captions).
+
+    A dataset with other columns and no ``column`` has its captions under another name (a
+    mistyped ``dataset.caption_column``): an error listing its columns, never every caption
+    silently dropped. A missing image column is left to :func:`check_columns`.
+    """
+    existing = list(dataset.column_names)
+    if column in existing or image_column not in existing:
         return dataset
+    others = [
+        name for name in existing
+        if name not in (image_column, mask_column) and not _is_class_label(dataset, name)
+    ]
+    if others:
+        raise DatasetError(
+            f"dataset.caption_column {column!r} is not a column of the dataset; its columns "
+            f"are: {', '.join(existing)} (captioning adds an empty caption column only to a "
+            "dataset without caption columns)"
+        )
     return dataset.add_column(column, [""] * len(dataset))
+
+
+def _is_class_label(dataset: Any, column: str) -> bool:
+    """Whether ``column`` holds class labels (integers naming a class: never captions)."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    return isinstance(features.get(column), datasets.ClassLabel)
 
 
 def normalized_captions(values: list[Any], column: str,

@@ -89,7 +89,10 @@ def prepare_dataset(
     with _scratch(work_dir) as work, _progress_bars(progress):
         source = load_source(args, work, progress=progress, keep_uncaptioned=keep_uncaptioned)
         if keep_uncaptioned:
-            source.dataset = with_caption_column(source.dataset, args.caption_column)
+            source.dataset = with_caption_column(
+                source.dataset, args.caption_column, image_column=args.image_column,
+                mask_column=args.mask_column,
+            )
         check_columns(source.dataset, args)
         filtered_out = apply_filters(source, args.filters, args.image_column)
         captions = normalized_captions(

@@ -74,7 +74,7 @@ def render_model_card(facts: LoraFacts, files: CardFiles, captions: list[str]) -
         _data(facts),
         _validation(files),
         _base_vs_lora(files),
-        _files(files),
+        _files(facts, files),
         _usage(facts, files),
     ]
     return "\n".join(s for s in sections if s).rstrip() + "\n"
@@ -229,12 +229,15 @@ def _base_vs_lora(files: CardFiles) -> str:
     return "\n".join([*lines, ""])
 
 
-def _files(files: CardFiles) -> str:
+def _files(facts: LoraFacts, files: CardFiles) -> str:
     lines = ["## Files", ""]
     if files.diffusers:
         lines.append(
             f"- `{files.diffusers}`: diffusers / PEFT format, for diffusers only "
-            "(`load_lora_weights`)."
+            "(`load_lora_weights`"
+            + (", then loraflow's `load_text_encoder_magnitudes`: see How to use"
+               if _dora_text_encoder(facts) else "")
+            + ")."
         )
     if files.kohya:
         lines.append(
@@ -259,7 +262,7 @@ def _usage(facts: LoraFacts, files: CardFiles) -> str:
         "",
         *where,
         f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weight}")',
+        *_diffusers_load(weight, files.diffusers is not None and _dora_text_encoder(facts)),
         "```",
         "",
         "### loraflow",
@@ -284,6 +287,29 @@ def _usage(facts: LoraFacts, files: CardFiles) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _dora_text_encoder(facts: LoraFacts) -> bool:
+    """A DoRA that trains a text encoder: diffusers' ``load_lora_weights`` leaves those
+    layers' magnitudes untrained (engine.lora.diffusers_dora)."""
+    return facts.task.lora.type == "dora" and facts.task.trains_text_encoder
+
+
+def _diffusers_load(weight: str | None, magnitudes: bool) -> list[str]:
+    """The snippet's load lines; with ``magnitudes``, loraflow puts the text encoders' DoRA
+    magnitudes back after diffusers has loaded the rest, as ``load_into_pipeline`` does."""
+    folder = "path/to/this/folder"
+    if not magnitudes:
+        return [f'pipe.load_lora_weights("{folder}", weight_name="{weight}")']
+    return [
+        f'pipe.load_lora_weights("{folder}", weight_name="{weight}", adapter_name="default_0")',
+        "from safetensors.torch import load_file",
+        "from engine.lora.diffusers_dora import load_text_encoder_magnitudes",
+        "",
+        "# diffusers leaves the text encoders' DoRA magnitudes untrained: put them back",
+        f'load_text_encoder_magnitudes(pipe, load_file("{folder}/{weight}"), "default_0", '
+        f'"{weight}")',
+    ]
 
 
 def _base_model_reference(name: str) -> tuple[str, list[str]]:

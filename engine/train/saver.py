@@ -137,7 +137,8 @@ class CheckpointSaver:
         committed(self.world)
         seconds = time.monotonic() - t0
         self.clock.record_save(seconds)
-        log.info("committed %s at step %d (%.2f s)", url, tr.global_step, seconds)
+        if self.world.writes:  # the other ranks only waited for it: rank 0 says so once
+            log.info("committed %s at step %d (%.2f s)", url, tr.global_step, seconds)
         return url
 
     def save_intermediate(self, tr: Trainer) -> str:
