@@ -56,14 +56,13 @@ class _Run:
     format), with their moments laid end to end and one shared step counter."""
 
     params: list[torch.nn.Parameter]
-    sizes: list[int]
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     step: torch.Tensor
     #: the flat weights the params' data are views of; None: each keeps its own storage
     weights: torch.Tensor | None
     #: each param's data pointer when held: a weight whose data was replaced is noticed
-    pointers: tuple[int, ...] = ()
+    pointers: tuple[int, ...]
 
     def still_held(self) -> bool:
         """Every weight of a held run still views the flat weights (trivially, unheld)."""
@@ -115,8 +114,9 @@ class FlatAdamW(torch.optim.AdamW):
         return runs
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``, without its profiler record for each call (this runs
-        every step; the record alone costs more than dropping 64 references)."""
+        """torch's ``zero_grad``, without its profiler record for each call: it runs every
+        step, right after the update (with it, the step's zero_grad phase took 0.16 ms on
+        tiny-sd1, 0.07 ms without)."""
         if not set_to_none:
             return super().zero_grad(set_to_none=False)
         for group in self.param_groups:
@@ -153,14 +153,13 @@ class FlatAdamW(torch.optim.AdamW):
                 self.state[p][key].reshape(-1) if self.state[p]
                 else torch.zeros(p.numel(), dtype=p.dtype) for p in params])
 
-        sizes = [p.numel() for p in params]
-        run = _Run(params, sizes, moment("exp_avg"), moment("exp_avg_sq"), step,
-                   weights=_flatten_dense_tensors(params) if held else None)
-        if run.weights is not None:
-            for p, view in zip(params, _unflatten_dense_tensors(run.weights, params),
-                               strict=True):
+        weights = _flatten_dense_tensors(params) if held else None
+        if weights is not None:
+            for p, view in zip(params, _unflatten_dense_tensors(weights, params), strict=True):
                 p.data = view
-            run.pointers = tuple(map(_data_ptr, params))
+        run = _Run(params, moment("exp_avg"), moment("exp_avg_sq"), step, weights,
+                   pointers=tuple(map(_data_ptr, params)) if held else ())
+        sizes = [p.numel() for p in params]
         for p, avg, avg_sq in zip(params, run.exp_avg.split(sizes),
                                   run.exp_avg_sq.split(sizes), strict=True):
             self.state[p].update(step=run.step, exp_avg=avg.view_as(p),

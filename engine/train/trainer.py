@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -48,7 +49,6 @@ class Trainer:
     prediction_type: str
     snr_gamma: float | None
     max_grad_norm: float
-    noising: NoiseTables  # the scheduler's add_noise and velocity, from tables (noising.py)
     global_step: int = 0
     ema: Ema | None = None  # the average of ``params`` (train_args.ema), None when not asked
     full: bool = False  # training_type "full": params are every weight, not a LoRA
@@ -59,6 +59,11 @@ class Trainer:
     def finished(self) -> bool:
         """The whole training is done (not only this segment)."""
         return self.global_step >= self.plan.total_steps
+
+    @cached_property
+    def noising(self) -> NoiseTables:
+        """The scheduler's add_noise and velocity target, from tables (noising.py)."""
+        return NoiseTables(self.base.noise_scheduler)
 
     def autocast(self) -> AbstractContextManager:
         return autocast(self.base.device, self.base.dtype)
@@ -104,8 +109,7 @@ def build_trainer(task: TaskDefinition, base: BaseModel, plan: TrainingPlan) -> 
         base=base, plan=plan, adapted=adapted, params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, scaler=scaler,
         prediction_type=ta.prediction_type or base.noise_scheduler.config.prediction_type,
-        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm,
-        noising=NoiseTables(base.noise_scheduler), ema=ema_of(task, params),
+        snr_gamma=ta.snr_gamma, max_grad_norm=ta.max_grad_norm, ema=ema_of(task, params),
         full=full,
     )
 
