@@ -14,7 +14,7 @@ import pytest
 
 from engine.errors import BudgetTooShortError, ConfigurationError, ExitCode
 from engine.train.segment import SegmentOptions, run_segment
-from tests.support.engine import checkpoint_bytes, make_task
+from tests.support.engine import checkpoint_bytes, make_task, run_budgeted
 
 ROOT = Path(__file__).resolve().parents[3]
 LONG = {"train_args.batch_size": 4, "train_args.gradient_accumulation_steps": 1,
@@ -28,11 +28,7 @@ def test_budgeted_segment_stops_early_and_resumes_to_the_unbudgeted_result(tmp_p
                             SegmentOptions(cache_root=cache, validate=False))
     assert reference.finished
 
-    budget = 2.5
-    t0 = time.monotonic()
-    first = run_segment(task, str(tmp_path / "b0"),
-                        SegmentOptions(cache_root=cache, validate=False, budget_seconds=budget))
-    elapsed = time.monotonic() - t0
+    first, elapsed, budget = run_budgeted(task, tmp_path / "b0", cache, budget=2.5)
     assert first.stopped_by == "budget" and 0 < first.global_step < 120
     assert elapsed < budget, f"checkpoint committed after {elapsed:.2f} s > budget {budget} s"
     assert (Path(first.checkpoint) / "manifest.json").exists()
