@@ -70,6 +70,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_import_env_root, ignore_errors=True)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Which kind of machine ran the suite and which golden record it matched: a change
+    that moves bits can only land where CI runs on a recorded kind (tests/support/golden.py),
+    and a CI log shows only its end."""
+    from tests.support.golden import MATCHED, machine_kind
+
+    matched = sorted({m or "none" for m in MATCHED.values()})
+    terminalreporter.write_line(f"machine: {machine_kind()}; golden record matched: "
+                                f"{', '.join(matched) or 'not run'}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def loraflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A per-session ``LORAFLOW_HOME``, so embedded builds land in a temp folder."""

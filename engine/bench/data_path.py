@@ -9,7 +9,8 @@ size (medians of repeats):
 
 - ``data_path``: samples/s of the stream alone (nothing consumes it but a counter);
 - ``step``: samples/s of ``train_step`` on micro-batches prepared beforehand (the data
-  path's cost taken out);
+  path's cost taken out; the stacking, and the VAE in ``live``, stay in the step, as in
+  :func:`engine.train.stream.batch_stream`);
 - ``training``: samples/s of ``train_step`` fed by the stream, as a segment trains;
 - ``ratio`` = data_path / step: above 1 the data path keeps up.
 
@@ -28,7 +29,6 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ from PIL import Image
 
 from engine.bench.settings import BenchSettings, bench_task
 from engine.bench.trainer import trainer_for
-from engine.bench.training import timed_steps
+from engine.bench.training import timed_steps, typical_step
 from engine.data.prepared import load_dataset_for_task, model_identity
 from engine.model.loading import BaseModel
 from engine.task.definition import TaskDefinition
 from engine.train.cache import ensure_cache
 from engine.train.plan import TrainingPlan
 from engine.train.samples import SampleSource
-from engine.train.stream import micro_batch_stream
+from engine.train.stream import micro_batch_stream, ready_batches
 
 log = logging.getLogger(__package__)
 
@@ -108,12 +108,17 @@ def step_samples_per_second(base: BaseModel, task: TaskDefinition, dataset: Any,
     """Median samples/s of ``train_step``, fed by the stream or by batches prepared first."""
     steps = settings.warmup + settings.steps
     with trainer_for(base, task, dataset, cache, steps) as (trainer, batches, source):
-        stream: Iterator[Any] = iter(list(batches)) if prepared else batches
-        try:
-            timed_steps(trainer, stream, source, settings.warmup)
-            seconds = statistics.median(timed_steps(trainer, stream, source, settings.steps))
-        finally:
+        stream = batches
+        if prepared:  # every sample prepared first; made a Batch at its step, as in training
             batches.close()
+            plan = trainer.plan
+            stream = ready_batches(iter(list(micro_batch_stream(source, plan, 0, steps, 0))),
+                                   source)
+        try:
+            timed_steps(trainer, stream, settings.warmup)
+            seconds = typical_step(timed_steps(trainer, stream, settings.steps))
+        finally:
+            stream.close()
     return task.train_args.batch_size / seconds
 
 

@@ -18,7 +18,7 @@ from engine.bench.settings import BenchSettings, bench_task
 from engine.bench.trainer import trainer_for
 from engine.model.family import detect_family, unet_extra_inputs
 from engine.model.loading import BaseModel
-from engine.train.samples import SampleSource
+from engine.train.samples import Batch, SampleSource
 from engine.train.segment import Trainer, train_step
 
 
@@ -56,10 +56,10 @@ def flop_counter() -> Any:
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def count_step_flops(trainer: Trainer, batches: Iterator[list[Any]], source: SampleSource) -> int:
+def count_step_flops(trainer: Trainer, batches: Iterator[Batch | None]) -> int:
     """FLOPs of one real optimizer step (forward, backward, optimizer) as torch counts them."""
     with flop_counter() as counter:
-        train_step(trainer, batches, source)
+        train_step(trainer, batches)
     return int(counter.get_total_flops())
 
 
@@ -114,12 +114,12 @@ def measure_flops(base: BaseModel, settings: BenchSettings, dataset: Any,
     with trainer_for(base, task, dataset, cache, 1) as (trainer, batches, source):
         out["unet_forward_per_sample"] = count_unet_forward_flops(trainer, source) / batch_size
         t0 = time.perf_counter()
-        out["train_step_per_sample"] = count_step_flops(trainer, batches, source) / batch_size
+        out["train_step_per_sample"] = count_step_flops(trainer, batches) / batch_size
         out["counted_step_seconds"] = time.perf_counter() - t0
     out["step_to_forward_ratio"] = out["train_step_per_sample"] / out["unet_forward_per_sample"]
     if settings.live:
         with trainer_for(base, task, dataset, None, 1) as (trainer, batches, source):
-            live = count_step_flops(trainer, batches, source) / batch_size
+            live = count_step_flops(trainer, batches) / batch_size
             out["train_step_live_per_sample"] = live
         out["encoding_per_sample"] = live - out["train_step_per_sample"]
     return out

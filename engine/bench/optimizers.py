@@ -55,7 +55,7 @@ def measure_one(model: str, name: str, steps: int, ema: bool) -> dict[str, Any]:
     from engine.train.optimizers import check_optimizer, state_tensor_bytes
     from engine.train.plan import TrainingPlan
     from engine.train.samples import SampleSource
-    from engine.train.stream import micro_batch_stream
+    from engine.train.stream import batch_stream
     from engine.train.trainer import build_trainer, train_step
 
     task = bench_task(model, OPTIMIZERS[name], steps, ema)
@@ -65,11 +65,11 @@ def measure_one(model: str, name: str, steps: int, ema: bool) -> dict[str, Any]:
     plan = TrainingPlan.for_task(task, dataset)
     trainer = build_trainer(task, load_base_model(task, device), plan)
     source = SampleSource(task, dataset, trainer.base, None)
-    batches = micro_batch_stream(source, plan, 0, steps, 0)
-    train_step(trainer, batches, source)  # warm-up: lazily created state, first allocations
+    batches = batch_stream(source, plan, 0, steps, 0)
+    train_step(trainer, batches)  # warm-up: lazily created state, first allocations
     samples, t0 = 0, time.perf_counter()
     for _ in range(steps - 1):
-        samples += int(train_step(trainer, batches, source)["samples"])
+        samples += int(train_step(trainer, batches)["samples"])
     seconds = time.perf_counter() - t0
     batches.close()
     weights = sum(p.numel() * p.element_size() for p in trainer.params.values())

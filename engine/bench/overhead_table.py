@@ -10,7 +10,7 @@ from typing import Any
 
 def overhead_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One row per batch size: step, UNet forward + backward (medians), what is left and its
-    share (medians over the interleaved pairs), and the spread of the repeats' shares."""
+    share (medians over windows of interleaved pairs), and the spread of the repeats' shares."""
     lines = [
         "| overhead (not UNet compute) | step ms | UNet fwd+bwd ms | overhead ms | share "
         "| repeats' shares |",

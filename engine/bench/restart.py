@@ -26,9 +26,9 @@ from engine.train.cache import ensure_cache
 from engine.train.plan import TrainingPlan
 from engine.train.samples import SampleSource
 from engine.train.segment import (
+    batch_stream,
     build_trainer,
     checkpoint_files,
-    micro_batch_stream,
     restore,
     train_step,
 )
@@ -40,7 +40,7 @@ def measure_checkpoint_save(base: BaseModel, settings: BenchSettings, dataset: A
     task = bench_task(base.location, settings, settings.batch_sizes[0])
     seconds, size, url = [], 0, ""
     with trainer_for(base, task, dataset, cache, 1) as (trainer, batches, source):
-        train_step(trainer, batches, source)
+        train_step(trainer, batches)
         for r in range(settings.repeats):
             url = str(workdir / f"checkpoint-{r}")
             t0 = time.perf_counter()
@@ -73,10 +73,10 @@ def restart_once(location: str, settings: BenchSettings, dataset: Any, checkpoin
     restore(trainer, read_checkpoint(checkpoint))
     cache = ensure_cache(task, base, dataset, str(cache_root), model_identity(base))
     source = SampleSource(task, dataset, base, cache)
-    batches = micro_batch_stream(source, plan, trainer.global_step, trainer.global_step + 1, 0)
+    batches = batch_stream(source, plan, trainer.global_step, trainer.global_step + 1, 0)
     synchronize(device)
     t2 = time.perf_counter()
-    train_step(trainer, batches, source)
+    train_step(trainer, batches)
     synchronize(device)
     t3 = time.perf_counter()
     del trainer, base, cache, source, batches

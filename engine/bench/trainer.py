@@ -17,7 +17,8 @@ from engine.model.loading import BaseModel
 from engine.task.definition import TaskDefinition
 from engine.train.plan import TrainingPlan
 from engine.train.samples import SampleSource
-from engine.train.segment import Trainer, build_trainer, micro_batch_stream
+from engine.train.segment import Trainer, build_trainer
+from engine.train.stream import batch_stream
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def trainer_for(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
     trainer = build_trainer(task, base, plan)
     try:
         source = SampleSource(task, dataset, base, cache)
-        batches = micro_batch_stream(source, plan, 0, steps, task.dataloader_num_workers)
+        batches = batch_stream(source, plan, 0, steps, task.dataloader_num_workers)
         yield trainer, batches, source
     finally:
         reset_unet(base)

@@ -22,8 +22,9 @@ from engine.bench.settings import BenchSettings, bench_task
 from engine.bench.trainer import reset_unet, trainer_for
 from engine.model.loading import BaseModel
 from engine.task.definition import TaskDefinition
-from engine.train.samples import SampleSource
+from engine.train.samples import Batch
 from engine.train.segment import Trainer, train_step
+from engine.train.stream import AHEAD
 
 # the package's logger, so the log lines read "engine.bench: ..." from every module
 log = logging.getLogger(__package__)
@@ -31,18 +32,29 @@ log = logging.getLogger(__package__)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def timed_steps(trainer: Trainer, batches: Iterator[list[Any]], source: SampleSource,
-                count: int) -> list[float]:
+def timed_steps(trainer: Trainer, batches: Iterator[Batch | None], count: int) -> list[float]:
     """Seconds of each of ``count`` optimizer steps."""
     device = trainer.base.device
     seconds = []
     for _ in range(count):
         synchronize(device)
         t0 = time.perf_counter()
-        train_step(trainer, batches, source)
+        train_step(trainer, batches)
         synchronize(device)
         seconds.append(time.perf_counter() - t0)
     return seconds
+
+
+def typical_step(seconds: list[float]) -> float:
+    """The step time of a run of steps: the median, over consecutive runs of
+    :data:`~engine.train.stream.AHEAD` steps, of their mean. From the cache the stream makes
+    that many micro-batches in one step and none in the next ones, so a plain median would
+    pick a step that made none; each run of that many steps holds every step's share
+    (bursts start every AHEAD micro-batches and a step holds at least one). A short run
+    (fewer steps) is one window."""
+    width = min(AHEAD, len(seconds))
+    windows = [seconds[k:k + width] for k in range(0, len(seconds) - width + 1, width)]
+    return statistics.median(statistics.fmean(w) for w in windows)
 
 
 def time_configuration(base: BaseModel, task: TaskDefinition, dataset: Any, cache: Any,
@@ -56,9 +68,8 @@ def time_configuration(base: BaseModel, task: TaskDefinition, dataset: Any, cach
     for _ in range(settings.repeats):
         steps = settings.warmup + settings.steps
         with trainer_for(base, task, dataset, cache, steps) as (trainer, batches, source):
-            timed_steps(trainer, batches, source, settings.warmup)
-            timed = timed_steps(trainer, batches, source, settings.steps)
-            per_repeat.append(statistics.median(timed))
+            timed_steps(trainer, batches, settings.warmup)
+            per_repeat.append(typical_step(timed_steps(trainer, batches, settings.steps)))
     step = statistics.median(per_repeat)
     batch_size = task.train_args.batch_size
     return {

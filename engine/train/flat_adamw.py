@@ -99,6 +99,12 @@ class FlatAdamW(torch.optim.AdamW):
                     torch._foreach_copy_(run.params, _unflatten_dense_tensors(weights, run.params))
         return loss
 
+    #: torch wraps each optimizer class's ``step`` in a profiler record and a loop over
+    #: step hooks, unless the function says it is wrapped already: this one says so. The
+    #: wrapper cost 0.16 ms of a 0.57 ms update right after the backward (tiny-sd1, batch 8),
+    #: and nothing in loraflow registers a step hook (a registered one would not run here).
+    step.hooked = True  # type: ignore[attr-defined]
+
     def _runs(self, index: int, group: dict[str, Any]) -> list[_Run]:
         """The group's runs for this step, rebuilt when the weights with a gradient changed
         or a held weight no longer views its run's flat weights."""

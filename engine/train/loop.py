@@ -18,7 +18,7 @@ from engine.train.metrics import MetricsLog
 from engine.train.options import StepCallback, StepReport, StopReason
 from engine.train.samples import SampleSource
 from engine.train.saver import CheckpointSaver, estimated_checkpoint_bytes
-from engine.train.stream import micro_batch_stream
+from engine.train.stream import batch_stream
 from engine.train.trainer import Trainer, train_step
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,13 @@ def train(tr: Trainer, source: SampleSource, end: int, *, clock: SegmentClock,
           progress: bool = False) -> StopReason:
     """Train from ``tr.global_step`` until a stop before ``end``; returns why it stopped."""
     start = tr.global_step
-    batches = micro_batch_stream(source, tr.plan, start, end, workers, tr.world)
+    batches = batch_stream(source, tr.plan, start, end, workers, tr.world)
     bar = progress_bar(progress and tr.world.writes, start, end)  # several ranks: rank 0's
     log.info("training steps %d-%d of %d", start, end, tr.plan.total_steps)
     try:
         while (stop := agreed_stop(tr.world, stop_reason(tr, end, clock, should_stop))) is None:
             t0 = time.monotonic()
-            step = train_step(tr, batches, source)
+            step = train_step(tr, batches)
             seconds = time.monotonic() - t0
             clock.record_step(seconds)
             samples_per_second = step["samples"] / seconds

@@ -194,7 +194,7 @@ class TrainingPlan:
         return [list(mb) for mb in self.epoch_batches(epoch)[first : first + self.accumulation]]
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # at least the stream's AHEAD: the epochs of its micro-batches made ahead
 def _epoch_batches(seed: int, epoch: int, size: int, batch_size: int,
                    layout: EpochLayout | None) -> tuple[tuple[SampleRef, ...], ...]:
     uses = layout.use_list() if layout is not None else [(i, None) for i in range(size)]

@@ -257,6 +257,14 @@ class SampleSource:
         self._resized = ResizedImages()  # each image decoded once per process (bounded)
 
     @cached_property
+    def needs_encoders(self) -> bool:
+        """Whether :meth:`batch` runs the VAE or a text encoder: for what the cache lacks,
+        or because a text encoder trains. The stream makes batches ahead only when not
+        (``engine/train/stream.py``): an encode made ahead is time a stop may waste."""
+        cache, trains_text = self.cache, self.settings.trains_text
+        return trains_text or cache is None or not (cache.has_latents and cache.has_text)
+
+    @cached_property
     def _vae_placement(self) -> tuple[torch.device, torch.dtype]:
         return placement(self.base.vae)
 

@@ -42,7 +42,7 @@ from engine.train.resume import already_committed, load_resume_point, newest_int
 from engine.train.samples import SampleSource
 from engine.train.saver import CheckpointSaver, checkpoint_files, segment_dir_of
 from engine.train.state import training_identity
-from engine.train.stream import micro_batch_stream
+from engine.train.stream import batch_stream, micro_batch_stream
 from engine.train.trainer import Trainer, build_trainer, train_step
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ __all__ = [
     "Trainer",
     "build_trainer",
     "checkpoint_files",
+    "batch_stream",
     "micro_batch_stream",
     "restore",
     "run_segment",

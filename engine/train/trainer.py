@@ -34,7 +34,7 @@ from engine.train.new_token_state import new_token_groups
 from engine.train.noising import NoiseTables
 from engine.train.optimizers import build_optimizer, enter_step, leave_step
 from engine.train.plan import TrainingPlan
-from engine.train.samples import Batch, PreparedSample, SampleSource
+from engine.train.samples import Batch
 
 
 @dataclass
@@ -131,9 +131,9 @@ def micro_batch_loss(tr: Trainer, batch: Batch) -> torch.Tensor:
     return losses.sum()
 
 
-def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
-               source: SampleSource) -> dict[str, float]:
-    """One optimizer step over the step's micro-batches; returns its metrics.
+def train_step(tr: Trainer, batches: Iterator[Batch | None]) -> dict[str, float]:
+    """One optimizer step over the step's micro-batches, taken from ``batches``
+    (:func:`engine.train.stream.batch_stream`); returns its metrics.
 
     The loss is the mean over the step's samples (a short micro-batch, a bucket's
     remainder or the epoch's last, weighs by its size), whatever the accumulation. A
@@ -147,9 +147,9 @@ def train_step(tr: Trainer, micro_batches: Iterator[list[PreparedSample]],
     loss_total = None
     enter_step(tr.optimizer)
     for _ in refs:
-        if not (mine := next(micro_batches)):  # this rank's share of it is empty
+        if (batch := next(batches)) is None:  # this rank's share of it is empty
             continue
-        loss = micro_batch_loss(tr, source.batch(mine)) / n_samples
+        loss = micro_batch_loss(tr, batch) / n_samples
         (tr.scaler.scale(loss) if tr.scaler else loss).backward()
         part = loss.detach().double()
         loss_total = part if loss_total is None else loss_total + part

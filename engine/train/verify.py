@@ -184,13 +184,13 @@ def _replay(task: TaskDefinition, dataset: Any, plan: Any, cache_root: str | Non
 
 def _replay_window(tr: Any, source: Any, window: Window, trail: DigestTrail,
                    verdict: Verdict) -> None:
-    from engine.train.stream import micro_batch_stream
+    from engine.train.stream import batch_stream
     from engine.train.trainer import train_step
 
-    batches = micro_batch_stream(source, tr.plan, window.start, window.end, 0)
+    batches = batch_stream(source, tr.plan, window.start, window.end, 0)
     try:
         while tr.global_step < window.end:
-            loss = train_step(tr, batches, source)["loss"]
+            loss = train_step(tr, batches)["loss"]
             verdict.replayed_steps += 1
             if trail.point_at(tr.global_step) is not None:
                 _compare(state_point(tr, loss), trail,

@@ -178,6 +178,12 @@ def recorded() -> list[dict[str, Any]]:
     return json.loads(GOLDEN_FILE.read_text())["records"]
 
 
+#: task name -> the machine whose record this session's run matched (None: none did);
+#: filled by tests/test_golden.py and printed at the end of the run (tests/conftest.py),
+#: so a CI log says which kind of machine it ran on.
+MATCHED: dict[str, str | None] = {}
+
+
 def matching_record(name: str, got: dict[str, dict[str, str]],
                     records: list[dict[str, Any]]) -> tuple[str | None, str]:
     """(the machine whose record of task ``name`` equals ``got``, or None; what differs from

@@ -82,8 +82,8 @@ def _step_flops(base, batch_size: int) -> int:
     settings = bench.make_settings(smoke=True, batch_sizes=[batch_size])
     dataset = bench.SyntheticDataset(batch_size, settings.resolution)
     task = bench.bench_task(base.location, settings, batch_size)
-    with bench.trainer_for(base, task, dataset, None, 1) as (trainer, batches, source):
-        return bench.count_step_flops(trainer, batches, source)
+    with bench.trainer_for(base, task, dataset, None, 1) as (trainer, batches, _):
+        return bench.count_step_flops(trainer, batches)
 
 
 def test_step_flops_are_positive_and_proportional_to_the_batch(tiny_base):

@@ -110,3 +110,14 @@ def test_other_adamw_settings_get_torchs_own() -> None:
     weights = [torch.nn.Parameter(torch.ones(3))]
     for options in ({"foreach": True}, {"fused": True}, {"foreach": False, "amsgrad": True}):
         assert type(flat_adamw([{"params": weights}], **options)) is torch.optim.AdamW
+
+
+def test_the_step_runs_without_torchs_per_class_profiler_record() -> None:
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = FlatAdamW([{"params": [weight], "lr": 0.1}], foreach=False)
+    weight.grad = torch.ones(4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+    names = {event.name for event in prof.events()}
+    assert not any(name.startswith("Optimizer.step#") for name in names)
+    assert float(weight[0]) < 1.0  # it stepped

@@ -50,6 +50,17 @@ def test_a_nan_gradient_still_goes_through_torchs_multiply() -> None:
             assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
 
 
+@pytest.mark.parametrize("offset", [-3e-6, -1e-6, -6e-7, -1e-7, 0.0, 1e-7, 1e-6])
+def test_a_norm_within_a_millionth_of_max_norm_is_clipped_as_torch_does(offset: float) -> None:
+    expected, ours = weights_with_grads(1.0), weights_with_grads(1.0)
+    norm = float(torch.nn.utils.get_total_norm([w.grad for w in expected if w.grad is not None]))
+    max_norm = norm / (1 + offset)  # the norm sits that far from max_norm (relative)
+    clipped = torch.nn.utils.clip_grad_norm_(expected, max_norm)
+    assert torch.equal(clip_gradients(ours, max_norm), clipped)
+    for a, b in zip(expected, ours, strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
 def test_no_gradients_gives_a_zero_norm() -> None:
     assert float(clip_gradients([torch.nn.Parameter(torch.ones(3))], 1.0)) == 0.0
 

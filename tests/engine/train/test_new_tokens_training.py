@@ -15,7 +15,7 @@ from engine.train.new_token_state import NEW_TOKENS_EMA_FILE, NEW_TOKENS_FILE
 from engine.train.plan import TrainingPlan
 from engine.train.samples import SampleSource
 from engine.train.segment import SegmentOptions, run_segment
-from engine.train.stream import micro_batch_stream
+from engine.train.stream import batch_stream
 from engine.train.trainer import build_trainer, train_step
 from tests.support.engine import checkpoint_bytes, make_task, run_chain
 
@@ -75,9 +75,9 @@ def test_only_the_new_rows_train_and_the_old_embeddings_keep_their_bits(
     tr = build_trainer(task, base, plan)
     start = {k: p.detach().clone() for k, p in tr.params.items() if k.startswith("new_tokens.")}
     source = SampleSource(task, dataset, base, None)
-    stream = micro_batch_stream(source, plan, 0, 3, workers=0)
+    stream = batch_stream(source, plan, 0, 3, workers=0)
     for _ in range(3):
-        train_step(tr, stream, source)
+        train_step(tr, stream)
     for encoder, old in zip(base.text_encoders, before, strict=True):
         spliced = encoder.get_input_embeddings()
         assert isinstance(spliced, SplicedEmbedding)
