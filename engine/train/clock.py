@@ -3,7 +3,9 @@
 A sync Prefect task's timeout cannot interrupt a torch loop, so the budget is enforced
 here, inside the loop: before each optimizer step the clock checks that the slowest step
 seen so far, plus the time a checkpoint save takes, plus what must follow the save
-(validation), still fits in what is left, with a safety margin.
+(validation), still fits in what is left, with a safety margin. The first step of a
+run's first segment has nothing measured to go by and is taken on trust; later segments
+start from the step time their input checkpoint recorded.
 
 The clock's measurements change only through its own methods, each called from one
 place: the segment tells it once what is known before training (:meth:`resume_from`,
