@@ -27,7 +27,11 @@ killed -9 itself (all three seen in tests/flows/test_cli_launch.py). Here:
 - **A rank failing** (any exit but 0 and 5) leaves the others waiting at a collective:
   they are sent SIGTERM, then killed :data:`FAILURE_GRACE_SECONDS` later.
 - **The exit code** is the first failing rank's (a rank killed by a signal: 1), else
-  rank 0's: 5 only when the ranks did stop on the signal, 0 when they had finished.
+  rank 0's: 5 only when the ranks did stop on the signal, 0 when they had finished. A
+  rank ended by the very signal the launcher passed on, before it could handle it (it was
+  still starting up), is no failure: nothing was trained or committed, and the launcher
+  exits 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), what a shell reports
+  for a single-process segment the signal ends during its start-up.
 
 The task is validated here first, and its model and dataset made ready
 (:func:`prepare_shared_inputs`), so bad input is refused once, before any process starts.
@@ -143,6 +147,7 @@ class Ranks:
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
         self.signalled = 0
+        self.passed_on: set[int] = set()  # the signals passed on to the ranks
         self.first_failure: int | None = None  # the rank that failed first, on its own
 
     def start(self, argv: list[str], size: int, started: float) -> None:
@@ -156,6 +161,7 @@ class Ranks:
     def pass_on(self, signum: int, frame: Any) -> None:
         """The launcher's SIGTERM/SIGINT handler: the same signal to every live rank."""
         self.signalled += 1
+        self.passed_on.add(signum)
         log.warning("signal %d: passed on to the %d ranks (they commit at the next step)",
                     signum, len(self.processes))
         for process in self.processes:
@@ -172,7 +178,11 @@ class Ranks:
         return codes
 
     def _stop_after_failure(self, rank: int, code: int | None) -> None:
-        log.warning("rank %d exited with %s: stopping the others", rank, code)
+        if code is not None and -code in self.passed_on:
+            log.warning("rank %d was ended by signal %d before it could handle it (still "
+                        "starting): stopping the others", rank, -code)
+        else:
+            log.warning("rank %d exited with %s: stopping the others", rank, code)
         for process in self.processes:
             self._send(process, signal.SIGTERM)
         deadline = time.monotonic() + FAILURE_GRACE_SECONDS
@@ -198,10 +208,16 @@ class Ranks:
                 process.wait()
 
 
-def exit_code(codes: list[int], first_failure: int | None) -> int:
-    """The segment's exit code from its ranks' (see the module docstring)."""
+def exit_code(codes: list[int], first_failure: int | None,
+              passed_on: set[int] | frozenset[int] = frozenset()) -> int:
+    """The segment's exit code from its ranks' (see the module docstring); ``passed_on``:
+    the signals the launcher passed on to them."""
     code = codes[first_failure] if first_failure is not None else codes[0]
-    return code if code >= 0 else ExitCode.FAILED  # negative: killed by a signal
+    if code >= 0:
+        return code
+    if -code in passed_on:  # ended by the signal passed on, before handling it
+        return 128 - code
+    return ExitCode.FAILED  # killed by another signal: a failure
 
 
 def prepare_shared_inputs(task: Any, data_dir: str | None) -> None:
@@ -240,7 +256,10 @@ def launch_segment(args: argparse.Namespace, started: float, task: Any = None) -
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = exit_code(codes, ranks.first_failure)
+    code = exit_code(codes, ranks.first_failure, ranks.passed_on)
     if ranks.signalled and code == ExitCode.INTERRUPTED:
         log.warning("stopped by signal: the ranks committed at the same step")
+    elif code > 128 and code - 128 in ranks.passed_on:
+        log.warning("stopped by signal %d while the ranks were starting: nothing trained "
+                    "or committed (any checkpoint given is untouched)", code - 128)
     return code

@@ -20,6 +20,7 @@ GROUPS = (train, caption, verify, serve, lora, demo, models, bench)
 #: Chatty at INFO, and nothing in them a user acts on.
 NOISY_LOGGERS = ("httpx", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec")
 INTERRUPTED_BY_USER = 130  # the shell's code for SIGINT
+ENDED_BY_SIGTERM = 143  # the shell's code for a process SIGTERM ended
 
 
 #: What each exit code means, for ``loraflow --help`` (a test keeps it complete).
@@ -32,6 +33,7 @@ EXIT_CODE_MEANINGS = (
     (ExitCode.INTERRUPTED, "stopped by SIGTERM/SIGINT after committing a checkpoint"),
     (ExitCode.NOT_VERIFIED, "verify: a replayed step differs from the segment's digest trail"),
     (INTERRUPTED_BY_USER, "interrupted by Ctrl-C (segment: the second one), not committed"),
+    (ENDED_BY_SIGTERM, "SIGTERM during start-up, before any step: nothing committed"),
 )
 EXAMPLES = """\
 first run (a tiny model and demo data, built locally):

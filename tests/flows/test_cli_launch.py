@@ -263,11 +263,47 @@ def test_ranks_commit_and_exit_when_the_launcher_is_killed(tmp_path: Path) -> No
     assert manifest["global_step"] == summary["global_step"]
 
 
+def catches_sigterm(proc: Proc) -> bool:
+    """Whether the process has a SIGTERM handler (its ``SigCgt`` mask in /proc)."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError(f"no SigCgt line for process {proc.pid}")
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_ranks_start_exits_143_with_nothing_committed(tmp_path: Path,
+                                                                        ) -> None:
+    launched = launch(write_task(tmp_path), tmp_path / "starting", "--cache-dir",
+                      str(tmp_path / "cache"))
+    try:
+        launched.wait_for(lambda: len(ranks_of(launched.process.pid)) == 2,
+                          "two rank processes", START_SECONDS)
+        ranks = ranks_of(launched.process.pid)
+        # the ranks are still importing: neither has its stop handler yet
+        assert not any(catches_sigterm(rank) for rank in ranks)
+        launched.process.send_signal(signal.SIGTERM)
+        code = launched.finish()
+        left = [rank for rank in ranks if running(rank)]
+    finally:
+        launched.kill_all()
+    stderr = launched.stderr.read_text()
+    assert code == 128 + signal.SIGTERM, stderr[-4000:]  # 143, as a shell reports one process
+    assert left == [], f"rank processes left running: {left}"
+    assert "while the ranks were starting: nothing trained or committed" in stderr
+    assert "Traceback" not in stderr
+    assert not (launched.out / "checkpoint").exists()
+    assert launched.stdout.read_text() == ""  # no summary: no segment ran
+
+
 def test_the_launchers_exit_code_is_the_first_failure_else_rank_zeros() -> None:
     assert exit_code([0, 0], None) == ExitCode.OK  # finished, even if a signal came late
     assert exit_code([5, 5], None) == ExitCode.INTERRUPTED
     assert exit_code([-9, 4], 1) == 4  # rank 1 failed first; rank 0 was then killed
     assert exit_code([-11, -15], 0) == ExitCode.FAILED  # killed by a signal: a failure
+    # ended by the signal the launcher passed on, before handling it: 128 + its number
+    assert exit_code([-15, -15], 0, {signal.SIGTERM}) == 143
+    assert exit_code([-9, -15], 0, {signal.SIGTERM}) == ExitCode.FAILED  # not that one
 
 
 def test_the_ranks_run_the_command_without_the_launch_option() -> None:
