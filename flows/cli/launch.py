@@ -146,7 +146,6 @@ class Ranks:
 
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
-        self.signalled = 0
         self.passed_on: set[int] = set()  # the signals passed on to the ranks
         self.first_failure: int | None = None  # the rank that failed first, on its own
 
@@ -160,7 +159,6 @@ class Ranks:
 
     def pass_on(self, signum: int, frame: Any) -> None:
         """The launcher's SIGTERM/SIGINT handler: the same signal to every live rank."""
-        self.signalled += 1
         self.passed_on.add(signum)
         log.warning("signal %d: passed on to the %d ranks (they commit at the next step)",
                     signum, len(self.processes))
@@ -177,8 +175,13 @@ class Ranks:
             time.sleep(POLL_SECONDS)
         return codes
 
+    def ended_by_passed_signal(self, code: int | None) -> bool:
+        """Whether a rank's exit ``code`` says a signal passed on ended it, unhandled: the
+        rank was still starting (a running segment handles both stop signals)."""
+        return code is not None and code < 0 and -code in self.passed_on
+
     def _stop_after_failure(self, rank: int, code: int | None) -> None:
-        if code is not None and -code in self.passed_on:
+        if self.ended_by_passed_signal(code):
             log.warning("rank %d was ended by signal %d before it could handle it (still "
                         "starting): stopping the others", rank, -code)
         else:
@@ -257,9 +260,9 @@ def launch_segment(args: argparse.Namespace, started: float, task: Any = None) -
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = exit_code(codes, ranks.first_failure, ranks.passed_on)
-    if ranks.signalled and code == ExitCode.INTERRUPTED:
+    if ranks.passed_on and code == ExitCode.INTERRUPTED:
         log.warning("stopped by signal: the ranks committed at the same step")
-    elif code > 128 and code - 128 in ranks.passed_on:
-        log.warning("stopped by signal %d while the ranks were starting: nothing trained "
-                    "or committed (any checkpoint given is untouched)", code - 128)
+    elif any(map(ranks.ended_by_passed_signal, codes)):  # all may end between two polls
+        log.warning("stopped by signal while the ranks were starting: nothing trained or "
+                    "committed (any checkpoint given is untouched)")
     return code
